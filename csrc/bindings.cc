@@ -1,0 +1,293 @@
+// pybind11 bindings of ckpt._C (docs/INTERNALS.md section 1). Addresses and
+// sizes are Python ints; every call that can block releases the GIL; failures
+// raise ckpt._C.NativeError (the same class as ckpt.errors.NativeError).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <limits>
+
+#include "copy_engine.h"
+#include "crc32c.h"
+#include "native_error.h"
+#include "segment.h"
+
+namespace py = pybind11;
+using namespace ckpt;
+
+namespace {
+
+PyObject* g_native_error = nullptr;
+
+constexpr size_t kReleaseGilBytes = 64 * 1024;
+
+[[noreturn]] void fail(const std::string& msg) { throw NativeErrorCpp(msg); }
+
+uint64_t as_u64(py::handle h, const std::string& call, const std::string& what) {
+  if (!PyLong_Check(h.ptr()))
+    fail(call + ": " + what + " must be an int, got " + std::string(py::str(py::type::of(h).attr("__name__"))));
+  int overflow = 0;
+  long long v = PyLong_AsLongLongAndOverflow(h.ptr(), &overflow);
+  if (overflow != 0 || v < 0)
+    fail(call + ": " + what + " = " + std::string(py::str(h)) + " is out of range; it must be >= 0 and < 2**63");
+  return static_cast<uint64_t>(v);
+}
+
+std::vector<CopyJob> parse_jobs(py::handle jobs, const std::string& call, size_t arity) {
+  if (!py::isinstance<py::sequence>(jobs)) fail(call + ": jobs must be a list of tuples");
+  auto seq = py::reinterpret_borrow<py::sequence>(jobs);
+  std::vector<CopyJob> out;
+  out.reserve(seq.size());
+  const char* shape = arity == 3 ? "(src_addr, dst_addr, nbytes)" : "(addr, nbytes)";
+  for (size_t i = 0; i < seq.size(); i++) {
+    py::object item = seq[i];
+    std::string where = "job " + std::to_string(i);
+    if (!py::isinstance<py::sequence>(item) || py::len(item) != arity)
+      fail(call + ": " + where + " must be a tuple " + shape);
+    auto t = py::reinterpret_borrow<py::sequence>(item);
+    CopyJob j;
+    if (arity == 3) {
+      j.src = as_u64(t[0], call, where + " src_addr");
+      j.dst = as_u64(t[1], call, where + " dst_addr");
+      j.nbytes = as_u64(t[2], call, where + " nbytes");
+      if (j.nbytes && (j.src == 0 || j.dst == 0)) fail(call + ": " + where + " has a null address");
+      if (j.nbytes && j.src < j.dst + j.nbytes && j.dst < j.src + j.nbytes)
+        fail(call + ": " + where + " source and destination overlap");
+    } else {
+      j.src = as_u64(t[0], call, where + " addr");
+      j.nbytes = as_u64(t[1], call, where + " nbytes");
+      if (j.nbytes && j.src == 0) fail(call + ": " + where + " has a null address");
+    }
+    out.push_back(j);
+  }
+  return out;
+}
+
+double as_timeout(py::object timeout_s) {
+  if (timeout_s.is_none()) return -1.0;
+  double t = py::cast<double>(timeout_s);
+  if (!(t >= 0)) fail("CopyTicket.wait: timeout_s must be >= 0 or None, got " + std::string(py::str(timeout_s)));
+  return t;
+}
+
+// A writable byte buffer over one slot; keeps the mapping alive while any
+// memoryview of it exists, so closing the Segment never leaves a dangling view.
+struct SlotBuffer {
+  std::shared_ptr<Mapping> map;
+  unsigned char* ptr;
+  uint64_t nbytes;
+};
+
+struct EngineHandle {
+  std::shared_ptr<CopyEngine> engine;
+  CopyEngine& get(const char* call) {
+    if (!engine) fail(std::string("CopyEngine.") + call + ": the CopyEngine is closed; create a new one");
+    return *engine;
+  }
+};
+
+uint32_t crc_of_buffer(py::handle data, uint32_t value) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) {
+    PyErr_Clear();
+    fail("crc32c: data must be a C-contiguous buffer (bytes, bytearray, memoryview, numpy array), got " +
+         std::string(py::str(py::type::of(data).attr("__name__"))));
+  }
+  uint32_t crc;
+  if (static_cast<size_t>(view.len) >= kReleaseGilBytes) {
+    py::gil_scoped_release nogil;
+    crc = crc32c(view.buf, static_cast<size_t>(view.len), value);
+  } else {
+    crc = crc32c(view.buf, static_cast<size_t>(view.len), value);
+  }
+  PyBuffer_Release(&view);
+  return crc;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ckpt native core: crc32c, the copy engine, shared-memory segments (docs/INTERNALS.md)";
+
+  // One exception class for Python: reuse ckpt.errors.NativeError when the
+  // package is importable (so callers need no mapping), else define our own.
+  try {
+    py::object cls = py::module_::import("ckpt.errors").attr("NativeError");
+    g_native_error = cls.release().ptr();
+  } catch (py::error_already_set&) {
+    PyErr_Clear();
+    g_native_error = PyErr_NewException("ckpt._C.NativeError", PyExc_RuntimeError, nullptr);
+  }
+  m.attr("NativeError") = py::handle(g_native_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const NativeErrorCpp& e) {
+      PyErr_SetString(g_native_error, e.what());
+    }
+  });
+
+  m.def("crc32c", &crc_of_buffer, py::arg("data"), py::arg("value") = 0,
+        "crc32c of a C-contiguous buffer (zero copy), continuing from `value`.");
+  m.def(
+      "crc32c_addr",
+      [](py::handle addr, py::handle nbytes, uint32_t value) {
+        uint64_t a = as_u64(addr, "crc32c_addr", "addr"), n = as_u64(nbytes, "crc32c_addr", "nbytes");
+        if (n && !a) fail("crc32c_addr: addr is null");
+        py::gil_scoped_release nogil;
+        return crc32c(reinterpret_cast<const void*>(a), n, value);
+      },
+      py::arg("addr"), py::arg("nbytes"), py::arg("value") = 0,
+      "crc32c of nbytes at a raw address, continuing from `value`. GIL released.");
+  m.def(
+      "crc32c_combine",
+      [](uint32_t crc_a, uint32_t crc_b, py::handle len_b) {
+        return crc32c_combine(crc_a, crc_b, as_u64(len_b, "crc32c_combine", "len_b"));
+      },
+      py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"), "crc32c(A + B) from crc32c(A), crc32c(B), len(B).");
+  m.def("crc32c_impl", &crc32c_impl, "\"sse4.2\" or \"scalar\" (chosen once at import; CKPT_CRC_IMPL=scalar forces scalar).");
+  m.def(
+      "_crc32c_scalar",
+      [](py::handle data, uint32_t value) {
+        py::buffer b = py::reinterpret_borrow<py::buffer>(data);
+        py::buffer_info info = b.request();
+        return crc32c_scalar(info.ptr, static_cast<size_t>(info.size * info.itemsize), value);
+      },
+      py::arg("data"), py::arg("value") = 0, "The scalar oracle (tests only).");
+  m.def("_fuse_mode", &crc32c_fuse_mode, "How copy and crc are fused: \"inline\" or \"blocked\".");
+  m.def(
+      "num_chunks",
+      [](py::handle sizes, py::handle chunk_bytes) {
+        auto seq = py::reinterpret_borrow<py::sequence>(sizes);
+        std::vector<uint64_t> v;
+        for (size_t i = 0; i < seq.size(); i++)
+          v.push_back(as_u64(seq[i], "num_chunks", "job_sizes[" + std::to_string(i) + "]"));
+        return count_chunks(v, as_u64(chunk_bytes, "num_chunks", "chunk_bytes"));
+      },
+      py::arg("job_sizes"), py::arg("chunk_bytes"),
+      "Number of chunks the copy engine cuts these jobs into (an empty job has none).");
+
+  py::class_<CopyTicket>(m, "CopyTicket", "Completion handle of one submit; valid after its engine is gone.")
+      .def(
+          "wait",
+          [](CopyTicket& t, py::object timeout_s) {
+            double to = as_timeout(timeout_s);
+            py::gil_scoped_release nogil;
+            return t.wait(to);
+          },
+          py::arg("timeout_s") = py::none(),
+          "Block up to timeout_s (None: forever). True when done; re-raises a worker's error.")
+      .def("done", &CopyTicket::done)
+      .def_property_readonly("bytes_total", &CopyTicket::bytes_total);
+
+  py::class_<EngineHandle>(m, "CopyEngine", "Persistent pool of copy workers. Thread-safe.")
+      .def(py::init([](int threads) { return EngineHandle{std::make_shared<CopyEngine>(threads)}; }),
+           py::arg("threads"))
+      .def(
+          "submit",
+          [](EngineHandle& h, py::handle jobs, py::handle chunk_bytes, py::handle crc_out_addr) {
+            auto j = parse_jobs(jobs, "CopyEngine.submit", 3);
+            uint64_t cb = as_u64(chunk_bytes, "CopyEngine.submit", "chunk_bytes");
+            uint64_t out = as_u64(crc_out_addr, "CopyEngine.submit", "crc_out_addr");
+            return h.get("submit").submit(j, cb, out, /*copy=*/true);
+          },
+          py::arg("jobs"), py::arg("chunk_bytes"), py::arg("crc_out_addr"),
+          "Copy [(src, dst, nbytes)], storing crc32c of each chunk at crc_out_addr + 4*k "
+          "(0: plain parallel memcpy). Returns at once with a CopyTicket.")
+      .def(
+          "crc_chunks",
+          [](EngineHandle& h, py::handle jobs, py::handle chunk_bytes, py::handle crc_out_addr) {
+            auto j = parse_jobs(jobs, "CopyEngine.crc_chunks", 2);
+            uint64_t cb = as_u64(chunk_bytes, "CopyEngine.crc_chunks", "chunk_bytes");
+            uint64_t out = as_u64(crc_out_addr, "CopyEngine.crc_chunks", "crc_out_addr");
+            if (out == 0) fail("CopyEngine.crc_chunks: crc_out_addr must not be 0 (where would the crcs go?)");
+            return h.get("crc_chunks").submit(j, cb, out, /*copy=*/false);
+          },
+          py::arg("jobs"), py::arg("chunk_bytes"), py::arg("crc_out_addr"),
+          "crc32c of each chunk of [(addr, nbytes)] (same chunking as submit), no copy.")
+      .def_property_readonly("threads", [](EngineHandle& h) { return h.get("threads").threads(); })
+      .def(
+          "close",
+          [](EngineHandle& h) {
+            std::shared_ptr<CopyEngine> e = std::move(h.engine);
+            if (e) {
+              py::gil_scoped_release nogil;
+              e->close();
+            }
+          },
+          "Finish submitted work and stop the workers. Idempotent.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](EngineHandle& h, py::args) {
+        std::shared_ptr<CopyEngine> e = std::move(h.engine);
+        if (e) {
+          py::gil_scoped_release nogil;
+          e->close();
+        }
+      });
+
+  py::class_<SlotBuffer>(m, "_SlotBuffer", py::buffer_protocol())
+      .def_buffer([](SlotBuffer& b) {
+        return py::buffer_info(b.ptr, 1, py::format_descriptor<unsigned char>::format(), 1,
+                               {static_cast<py::ssize_t>(b.nbytes)}, {1}, /*readonly=*/false);
+      });
+
+  py::class_<Segment>(m, "Segment", "A POSIX shm segment with two snapshot slots (INTERNALS.md section 2).")
+      .def_static(
+          "create",
+          [](const std::string& name, py::handle slot_bytes) {
+            uint64_t sb = as_u64(slot_bytes, "Segment.create", "slot_bytes");
+            py::gil_scoped_release nogil;
+            return Segment::create(name, sb);
+          },
+          py::arg("name"), py::arg("slot_bytes"),
+          "Create (O_EXCL, mode 0600) and pre-fault a segment of 4096 + 2 * slot_bytes bytes.")
+      .def_static(
+          "open",
+          [](const std::string& name) {
+            py::gil_scoped_release nogil;
+            return Segment::open(name);
+          },
+          py::arg("name"), "Map an existing segment; validates owner, mode, magic, version and size.")
+      .def_static("unlink", &Segment::unlink, py::arg("name"), "Remove the name (a missing name is not an error).")
+      .def_static("exists", &Segment::exists, py::arg("name"))
+      .def_property_readonly("name", &Segment::name)
+      .def_property_readonly("slot_bytes", &Segment::slot_bytes)
+      .def_property_readonly("size_bytes", &Segment::size_bytes)
+      .def_property_readonly("closed", &Segment::closed)
+      .def("slot_address", &Segment::slot_address, py::arg("i"))
+      .def(
+          "slot_view",
+          [](Segment& s, int i) {
+            uint64_t addr = s.slot_address(i);
+            SlotBuffer b{s.mapping(), reinterpret_cast<unsigned char*>(addr), s.slot_bytes()};
+            return py::memoryview(py::cast(std::move(b)));
+          },
+          py::arg("i"), "Writable memoryview of slot i's payload area (slot_bytes long).")
+      .def("try_lock", &Segment::try_lock, py::arg("i"), py::arg("owner_pid"), py::arg("mode"))
+      .def("lock_owner", &Segment::lock_owner, py::arg("i"))
+      .def("unlock", &Segment::unlock, py::arg("i"), py::arg("owner_pid"))
+      .def("break_lock", &Segment::break_lock, py::arg("i"))
+      .def("seal", &Segment::seal, py::arg("i"), py::arg("step"), py::arg("payload_bytes"), py::arg("payload_crc"))
+      .def("mark_writing", &Segment::mark_writing, py::arg("i"))
+      .def("committed", &Segment::committed)
+      .def(
+          "slot_info",
+          [](Segment& s, int i) {
+            SlotInfo info = s.slot_info(i);
+            py::dict d;
+            d["state"] = slot_state_name(info.state);
+            d["step"] = info.step;
+            d["seq"] = info.seq;
+            d["payload_bytes"] = info.payload_bytes;
+            d["payload_crc"] = info.payload_crc;
+            return d;
+          },
+          py::arg("i"))
+      .def("pin", &Segment::pin, "mlock the mapping; False when RLIMIT_MEMLOCK forbids it.")
+      .def("close", &Segment::close, "Unmap (once no slot_view is alive). Idempotent.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](Segment& s, py::args) { s.close(); })
+      .def("__repr__", [](Segment& s) {
+        return "<ckpt._C.Segment " + s.name() + (s.closed() ? " closed>" : " slot_bytes=" + std::to_string(s.slot_bytes()) + ">");
+      });
+}

@@ -1,0 +1,158 @@
+#include "copy_engine.h"
+
+#include <chrono>
+#include <cstring>
+
+#include "crc32c.h"
+#include "native_error.h"
+
+namespace ckpt {
+namespace {
+
+// Big chunks are split into pieces of this size so that two workers can share
+// one chunk; small enough to balance, big enough that the per-piece lock and
+// combine cost nothing (1 MiB copies in ~100 us).
+constexpr uint64_t kPieceBytes = 1ull << 20;
+
+void run_piece(Piece& p, bool want_crc) {
+  if (p.dst == nullptr) {
+    p.crc = crc32c(p.src, p.nbytes, 0);
+  } else if (want_crc) {
+    p.crc = crc32c_copy(p.dst, p.src, p.nbytes, 0);
+  } else {
+    std::memcpy(p.dst, p.src, p.nbytes);
+  }
+}
+
+}  // namespace
+
+uint64_t count_chunks(const std::vector<uint64_t>& sizes, uint64_t chunk_bytes) {
+  if (chunk_bytes == 0) throw NativeErrorCpp("num_chunks: chunk_bytes must be > 0");
+  uint64_t total = 0;
+  for (uint64_t n : sizes) total += (n + chunk_bytes - 1) / chunk_bytes;
+  return total;
+}
+
+bool CopyTicket::wait(double timeout_s) {
+  std::unique_lock<std::mutex> lk(batch_->mu);
+  auto ready = [&] { return batch_->done; };
+  if (timeout_s < 0) {
+    batch_->cv.wait(lk, ready);
+  } else if (!batch_->cv.wait_for(lk, std::chrono::duration<double>(timeout_s), ready)) {
+    return false;
+  }
+  if (!batch_->error.empty()) throw NativeErrorCpp(batch_->error);
+  return true;
+}
+
+bool CopyTicket::done() const {
+  std::lock_guard<std::mutex> lk(batch_->mu);
+  return batch_->done;
+}
+
+CopyEngine::CopyEngine(int threads) : threads_(threads) {
+  if (threads < 1 || threads > 1024)
+    throw NativeErrorCpp("CopyEngine(threads=" + std::to_string(threads) +
+                         "): threads must be between 1 and 1024");
+  workers_.reserve(threads);
+  for (int i = 0; i < threads; i++) workers_.emplace_back([this] { worker_loop(); });
+}
+
+CopyEngine::~CopyEngine() { close(); }
+
+void CopyEngine::close() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_ && workers_.empty()) return;
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_)
+    if (t.joinable()) t.join();
+  workers_.clear();
+}
+
+CopyTicket CopyEngine::submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes,
+                              uint64_t crc_out, bool copy) {
+  const char* call = copy ? "CopyEngine.submit" : "CopyEngine.crc_chunks";
+  if (chunk_bytes == 0) throw NativeErrorCpp(std::string(call) + ": chunk_bytes must be > 0");
+  auto batch = std::make_shared<Batch>();
+  batch->crc_out = reinterpret_cast<uint32_t*>(crc_out);
+  uint64_t chunk = 0;
+  for (const CopyJob& j : jobs) {
+    for (uint64_t off = 0; off < j.nbytes; off += chunk_bytes, chunk++) {
+      uint64_t clen = j.nbytes - off < chunk_bytes ? j.nbytes - off : chunk_bytes;
+      for (uint64_t poff = 0; poff < clen; poff += kPieceBytes) {
+        uint64_t plen = clen - poff < kPieceBytes ? clen - poff : kPieceBytes;
+        Piece p;
+        p.src = reinterpret_cast<const unsigned char*>(j.src + off + poff);
+        p.dst = copy ? reinterpret_cast<unsigned char*>(j.dst + off + poff) : nullptr;
+        p.nbytes = plen;
+        p.chunk = chunk;
+        p.crc = 0;
+        batch->pieces.push_back(p);
+      }
+    }
+    batch->bytes_total += j.nbytes;
+  }
+  batch->num_chunks = chunk;
+  if (batch->pieces.empty()) {
+    batch->done = true;  // nothing to do (no jobs, or only empty ones)
+    return CopyTicket(batch);
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_) throw NativeErrorCpp(std::string(call) + ": the CopyEngine is closed; create a new one");
+    queue_.push_back(batch);
+  }
+  cv_.notify_all();
+  return CopyTicket(batch);
+}
+
+void CopyEngine::finish(Batch& b) {
+  if (b.crc_out != nullptr) {
+    // Pieces are in chunk order; combine each chunk's pieces left to right.
+    size_t i = 0;
+    while (i < b.pieces.size()) {
+      uint64_t chunk = b.pieces[i].chunk;
+      uint32_t crc = b.pieces[i].crc;
+      for (i++; i < b.pieces.size() && b.pieces[i].chunk == chunk; i++)
+        crc = crc32c_combine(crc, b.pieces[i].crc, b.pieces[i].nbytes);
+      unsigned char le[4] = {static_cast<unsigned char>(crc), static_cast<unsigned char>(crc >> 8),
+                             static_cast<unsigned char>(crc >> 16),
+                             static_cast<unsigned char>(crc >> 24)};
+      std::memcpy(reinterpret_cast<unsigned char*>(b.crc_out) + 4 * chunk, le, 4);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lk(b.mu);
+    b.done = true;
+  }
+  b.cv.notify_all();
+}
+
+void CopyEngine::worker_loop() {
+  for (;;) {
+    std::shared_ptr<Batch> batch;
+    size_t index = 0;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, and all submitted work handed out
+      batch = queue_.front();
+      index = batch->next++;
+      if (batch->next >= batch->pieces.size()) queue_.pop_front();
+    }
+    Piece& p = batch->pieces[index];
+    try {
+      run_piece(p, batch->crc_out != nullptr);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lk(batch->mu);
+      if (batch->error.empty()) batch->error = std::string("copy worker failed: ") + e.what();
+    }
+    if (batch->finished.fetch_add(1, std::memory_order_acq_rel) + 1 == batch->pieces.size())
+      finish(*batch);
+  }
+}
+
+}  // namespace ckpt

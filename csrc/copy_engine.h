@@ -1,0 +1,88 @@
+// A persistent worker pool that copies (and crc32c's) lists of byte ranges.
+// Jobs are cut into chunks of <= chunk_bytes (never straddling two jobs); each
+// chunk may be further cut into pieces so that several workers share one big
+// chunk; piece crcs are combined into chunk crcs by the worker that finishes last.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ckpt {
+
+struct CopyJob {
+  uint64_t src = 0;  // 0 for crc-only batches
+  uint64_t dst = 0;
+  uint64_t nbytes = 0;
+};
+
+struct Piece {
+  const unsigned char* src;
+  unsigned char* dst;  // nullptr: crc only
+  uint64_t nbytes;
+  uint64_t chunk;  // chunk index
+  uint32_t crc;
+};
+
+// Shared state of one submit(); outlives the engine (tickets hold a shared_ptr).
+struct Batch {
+  std::vector<Piece> pieces;
+  uint64_t num_chunks = 0;
+  uint32_t* crc_out = nullptr;  // nullptr: no crc
+  uint64_t bytes_total = 0;
+  size_t next = 0;                       // guarded by the engine mutex
+  std::atomic<size_t> finished{0};
+  std::mutex mu;                         // guards done/error below
+  std::condition_variable cv;
+  bool done = false;
+  std::string error;
+};
+
+class CopyTicket {
+ public:
+  explicit CopyTicket(std::shared_ptr<Batch> b) : batch_(std::move(b)) {}
+  // Waits up to timeout_s (<0: forever). True when done; throws NativeErrorCpp
+  // carrying a worker's error.
+  bool wait(double timeout_s);
+  bool done() const;
+  uint64_t bytes_total() const { return batch_->bytes_total; }
+
+ private:
+  std::shared_ptr<Batch> batch_;
+};
+
+class CopyEngine {
+ public:
+  explicit CopyEngine(int threads);
+  ~CopyEngine();
+  CopyEngine(const CopyEngine&) = delete;
+  CopyEngine& operator=(const CopyEngine&) = delete;
+
+  // Validated jobs in; a ticket out. copy == false: crc only (dst ignored).
+  CopyTicket submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes, uint64_t crc_out,
+                    bool copy);
+  // Finishes the work already submitted, then stops the workers. Idempotent.
+  void close();
+  int threads() const { return threads_; }
+
+ private:
+  void worker_loop();
+  static void finish(Batch& b);
+
+  int threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Batch>> queue_;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+};
+
+uint64_t count_chunks(const std::vector<uint64_t>& sizes, uint64_t chunk_bytes);
+
+}  // namespace ckpt

@@ -1,0 +1,243 @@
+// See crc32c.h. The hardware path follows Mark Adler's crc32c.c: three streams
+// are crc'd in parallel (the crc32 instruction has latency 3 and throughput 1),
+// then combined by "shifting" the earlier streams' crcs over the later bytes
+// with precomputed 4x256 tables (multiplication by x^(8*len) mod P).
+#include "crc32c.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <nmmintrin.h>
+#define CKPT_X86 1
+#endif
+
+namespace ckpt {
+namespace {
+
+constexpr uint32_t kPoly = 0x82F63B78u;
+
+// ---- GF(2) arithmetic modulo P (reflected), as in zlib's crc32_combine. ----
+uint32_t multmodp(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
+  }
+  return p;
+}
+
+struct Tables {
+  uint32_t slice[8][256];
+  uint32_t x2n[32];             // x^(2^k) mod P
+  uint32_t shift_long[4][256];  // multiply by x^(8*kLong) mod P
+  uint32_t shift_short[4][256]; // multiply by x^(8*kShort) mod P
+  bool hw = false;
+  bool blocked = false;
+  Tables();
+};
+
+constexpr size_t kLong = 8192;
+constexpr size_t kShort = 256;
+constexpr size_t kFuseBlock = 64 * 1024;
+
+uint32_t x2nmodp(const Tables& t, uint64_t n, unsigned k) {
+  uint32_t p = 1u << 31;  // x^0
+  while (n) {
+    if (n & 1) p = multmodp(t.x2n[k & 31], p);
+    n >>= 1;
+    k++;
+  }
+  return p;
+}
+
+void make_shift_table(uint32_t table[4][256], uint32_t op) {
+  for (uint32_t j = 0; j < 4; j++)
+    for (uint32_t b = 0; b < 256; b++) table[j][b] = multmodp(op, b << (8 * j));
+}
+
+bool cpu_has_sse42() {
+#ifdef CKPT_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("sse4.2");
+#else
+  return false;
+#endif
+}
+
+Tables::Tables() {
+  for (uint32_t n = 0; n < 256; n++) {
+    uint32_t c = n;
+    for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ kPoly : c >> 1;
+    slice[0][n] = c;
+  }
+  for (uint32_t n = 0; n < 256; n++) {
+    uint32_t c = slice[0][n];
+    for (int k = 1; k < 8; k++) {
+      c = slice[0][c & 0xff] ^ (c >> 8);
+      slice[k][n] = c;
+    }
+  }
+  uint32_t p = 1u << 30;  // x^1
+  x2n[0] = p;
+  for (int n = 1; n < 32; n++) x2n[n] = p = multmodp(p, p);
+  make_shift_table(shift_long, x2nmodp(*this, kLong, 3));
+  make_shift_table(shift_short, x2nmodp(*this, kShort, 3));
+
+  const char* impl = std::getenv("CKPT_CRC_IMPL");
+  bool force_scalar = impl && std::strcmp(impl, "scalar") == 0;
+  hw = !force_scalar && cpu_has_sse42();
+  const char* fuse = std::getenv("CKPT_FUSE_MODE");
+  blocked = fuse && std::strcmp(fuse, "blocked") == 0;
+}
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+inline uint32_t shift(const uint32_t table[4][256], uint32_t crc) {
+  return table[0][crc & 0xff] ^ table[1][(crc >> 8) & 0xff] ^ table[2][(crc >> 16) & 0xff] ^
+         table[3][crc >> 24];
+}
+
+inline uint64_t load64(const unsigned char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+inline void store64(unsigned char* p, uint64_t v) { std::memcpy(p, &v, 8); }
+
+// Slice-by-8 over the inverted register `c` (little-endian hosts).
+uint32_t scalar_update(const Tables& t, uint32_t c, const unsigned char* p, size_t n) {
+  while (n && (reinterpret_cast<uintptr_t>(p) & 7)) {
+    c = t.slice[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+    n--;
+  }
+  while (n >= 8) {
+    uint64_t w = load64(p) ^ c;
+    c = t.slice[7][w & 0xff] ^ t.slice[6][(w >> 8) & 0xff] ^ t.slice[5][(w >> 16) & 0xff] ^
+        t.slice[4][(w >> 24) & 0xff] ^ t.slice[3][(w >> 32) & 0xff] ^
+        t.slice[2][(w >> 40) & 0xff] ^ t.slice[1][(w >> 48) & 0xff] ^ t.slice[0][w >> 56];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = t.slice[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return c;
+}
+
+#ifdef CKPT_X86
+// Three-stream hardware crc over rounds of 3 * kLane bytes. When kCopy, the bytes
+// are also stored to *d as they are crc'd ("inline" fusion: one load feeds both).
+template <bool kCopy, size_t kLane>
+__attribute__((target("sse4.2"), always_inline)) inline void hw_three_way(
+    const uint32_t table[4][256], uint64_t& c0, const unsigned char*& p, unsigned char*& d, size_t& n) {
+  while (n >= 3 * kLane) {
+    uint64_t c1 = 0, c2 = 0;
+    const unsigned char* end = p + kLane;
+    do {
+      uint64_t w0 = load64(p), w1 = load64(p + kLane), w2 = load64(p + 2 * kLane);
+      if (kCopy) {
+        store64(d, w0);
+        store64(d + kLane, w1);
+        store64(d + 2 * kLane, w2);
+        d += 8;
+      }
+      c0 = _mm_crc32_u64(c0, w0);
+      c1 = _mm_crc32_u64(c1, w1);
+      c2 = _mm_crc32_u64(c2, w2);
+      p += 8;
+    } while (p < end);
+    c0 = shift(table, static_cast<uint32_t>(c0)) ^ c1;
+    c0 = shift(table, static_cast<uint32_t>(c0)) ^ c2;
+    p += 2 * kLane;
+    if (kCopy) d += 2 * kLane;
+    n -= 3 * kLane;
+  }
+}
+
+template <bool kCopy>
+__attribute__((target("sse4.2"))) uint32_t hw_update(const Tables& t, uint32_t c,
+                                                     const unsigned char* p,
+                                                     unsigned char* d, size_t n) {
+  uint64_t c0 = c;
+  while (n && (reinterpret_cast<uintptr_t>(p) & 7)) {
+    if (kCopy) *d++ = *p;
+    c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
+    n--;
+  }
+  hw_three_way<kCopy, kLong>(t.shift_long, c0, p, d, n);
+  hw_three_way<kCopy, kShort>(t.shift_short, c0, p, d, n);
+  while (n >= 8) {
+    uint64_t w = load64(p);
+    if (kCopy) {
+      store64(d, w);
+      d += 8;
+    }
+    c0 = _mm_crc32_u64(c0, w);
+    p += 8;
+    n -= 8;
+  }
+  while (n--) {
+    if (kCopy) *d++ = *p;
+    c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
+  }
+  return static_cast<uint32_t>(c0);
+}
+#endif
+
+uint32_t update(const Tables& t, uint32_t c, const unsigned char* p, size_t n) {
+#ifdef CKPT_X86
+  if (t.hw) return hw_update<false>(t, c, p, nullptr, n);
+#endif
+  return scalar_update(t, c, p, n);
+}
+
+}  // namespace
+
+uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
+  const Tables& t = tables();
+  return ~update(t, ~crc, static_cast<const unsigned char*>(data), n);
+}
+
+uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc) {
+  return ~scalar_update(tables(), ~crc, static_cast<const unsigned char*>(data), n);
+}
+
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
+  const Tables& t = tables();
+  auto* d = static_cast<unsigned char*>(dst);
+  auto* s = static_cast<const unsigned char*>(src);
+  uint32_t c = ~crc;
+#ifdef CKPT_X86
+  if (t.hw && !t.blocked) return ~hw_update<true>(t, c, s, d, n);
+#endif
+  // Blocked: copy a block that fits in L2, then crc the destination while hot.
+  while (n) {
+    size_t m = n < kFuseBlock ? n : kFuseBlock;
+    std::memcpy(d, s, m);
+    c = update(t, c, d, m);
+    d += m;
+    s += m;
+    n -= m;
+  }
+  return ~c;
+}
+
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  return multmodp(x2nmodp(tables(), len_b, 3), crc_a) ^ crc_b;
+}
+
+const char* crc32c_impl() { return tables().hw ? "sse4.2" : "scalar"; }
+
+const char* crc32c_fuse_mode() {
+  const Tables& t = tables();
+  return (t.hw && !t.blocked) ? "inline" : "blocked";
+}
+
+}  // namespace ckpt

@@ -1,0 +1,33 @@
+// crc32c (Castagnoli, reflected polynomial 0x82F63B78) with a runtime-chosen
+// implementation: SSE4.2 `crc32` over three interleaved streams when the CPU has
+// it, slice-by-8 tables otherwise. The scalar version is the oracle for tests.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ckpt {
+
+// Standard crc32c of `n` bytes continuing from `crc` (0 for a fresh crc):
+// crc32c(b"123456789") == 0xE3069283.
+uint32_t crc32c(const void* data, size_t n, uint32_t crc = 0);
+
+// Copies n bytes from src to dst (non-overlapping) and returns the crc32c of
+// the copied bytes, continuing from `crc`, in one pass over the data.
+uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0);
+
+// crc32c of A||B given crc(A), crc(B) and len(B).
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+
+// "sse4.2" or "scalar"; chosen once at load (env CKPT_CRC_IMPL=scalar forces scalar).
+const char* crc32c_impl();
+
+// Always-scalar versions (the oracle), exposed for tests and benchmarks.
+uint32_t crc32c_scalar(const void* data, size_t n, uint32_t crc);
+
+// How crc32c_copy fuses the two: "inline" (crc the words while storing them) or
+// "blocked" (memcpy a cache-sized block, then crc it while it is hot). Chosen once
+// at load; env CKPT_FUSE_MODE overrides (benchmarks only).
+const char* crc32c_fuse_mode();
+
+}  // namespace ckpt

@@ -1,0 +1,108 @@
+// CUDA side of the snapshot copier: asynchronous D2H/H2D copies on a side stream,
+// ordered after the compute stream by events, so the host never blocks.
+#include <cuda_runtime.h>
+
+#include "cuda_copy.h"
+
+namespace ckpt_cuda {
+namespace {
+
+// Runs on `device`, restoring the caller's current device afterwards (torch
+// keeps its own notion of the current device; leave it as found).
+struct DeviceGuard {
+  int prev = -1;
+  cudaError_t err = cudaSuccess;
+  explicit DeviceGuard(int device) {
+    err = cudaGetDevice(&prev);
+    if (err == cudaSuccess && prev != device) err = cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
+  }
+};
+
+}  // namespace
+
+int device_count(int* count) {
+  *count = 0;
+  cudaError_t err = cudaGetDeviceCount(count);
+  if (err != cudaSuccess) {
+    *count = 0;
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+  }
+  return static_cast<int>(err);
+}
+
+int host_register(void* addr, size_t nbytes) {
+  return static_cast<int>(cudaHostRegister(addr, nbytes, cudaHostRegisterPortable));
+}
+
+int host_unregister(void* addr) { return static_cast<int>(cudaHostUnregister(addr)); }
+
+int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream,
+                   uint64_t wait_stream, void** done_event, const char** failed_call) {
+  *done_event = nullptr;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) {
+    *failed_call = "cudaSetDevice";
+    return static_cast<int>(guard.err);
+  }
+  auto side = reinterpret_cast<cudaStream_t>(side_stream);
+  cudaError_t err;
+  if (wait_stream != 0 && wait_stream != side_stream) {
+    cudaEvent_t ready;
+    if ((err = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming)) != cudaSuccess) {
+      *failed_call = "cudaEventCreateWithFlags";
+      return static_cast<int>(err);
+    }
+    err = cudaEventRecord(ready, reinterpret_cast<cudaStream_t>(wait_stream));
+    if (err != cudaSuccess) *failed_call = "cudaEventRecord(wait_stream)";
+    if (err == cudaSuccess) {
+      err = cudaStreamWaitEvent(side, ready, 0);
+      if (err != cudaSuccess) *failed_call = "cudaStreamWaitEvent(side_stream)";
+    }
+    cudaEventDestroy(ready);  // safe: destruction is deferred until the event completes
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  for (size_t i = 0; i < njobs; i++) {
+    if (jobs[i].nbytes == 0) continue;
+    err = cudaMemcpyAsync(reinterpret_cast<void*>(jobs[i].dst), reinterpret_cast<const void*>(jobs[i].src),
+                          jobs[i].nbytes, cudaMemcpyDefault, side);
+    if (err != cudaSuccess) {
+      *failed_call = "cudaMemcpyAsync";
+      return static_cast<int>(err);
+    }
+  }
+  cudaEvent_t done;
+  if ((err = cudaEventCreateWithFlags(&done, cudaEventDisableTiming)) != cudaSuccess) {
+    *failed_call = "cudaEventCreateWithFlags";
+    return static_cast<int>(err);
+  }
+  if ((err = cudaEventRecord(done, side)) != cudaSuccess) {
+    cudaEventDestroy(done);
+    *failed_call = "cudaEventRecord(side_stream)";
+    return static_cast<int>(err);
+  }
+  *done_event = done;
+  return 0;
+}
+
+int event_query(void* event) {
+  cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event));
+  if (err == cudaErrorNotReady) return kNotReady;
+  return static_cast<int>(err);
+}
+
+int stream_wait_event(int device, uint64_t stream, void* event) {
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return static_cast<int>(guard.err);
+  return static_cast<int>(
+      cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0));
+}
+
+int event_destroy(void* event) { return static_cast<int>(cudaEventDestroy(static_cast<cudaEvent_t>(event))); }
+
+const char* error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+}  // namespace ckpt_cuda

@@ -1,0 +1,32 @@
+// Plain C++ interface to the CUDA copier (compiled by nvcc in cuda_copy.cu). It
+// returns cudaError_t values as ints and never throws; cuda_bindings.cc (built
+// by the host compiler, no CUDA headers) turns failures into NativeError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ckpt_cuda {
+
+struct Job {
+  uint64_t src;
+  uint64_t dst;
+  uint64_t nbytes;
+};
+
+constexpr int kNotReady = -1;  // event_query: work still pending
+
+int device_count(int* count);
+int host_register(void* addr, size_t nbytes);
+int host_unregister(void* addr);
+// On `device`: record an event on wait_stream (when non-zero), make side_stream
+// wait on it, enqueue cudaMemcpyAsync for every job, record *done_event on
+// side_stream. On failure *failed_call names the CUDA call that failed.
+int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream,
+                   uint64_t wait_stream, void** done_event, const char** failed_call);
+int event_query(void* event);  // 0 done, kNotReady, or a cudaError_t
+int stream_wait_event(int device, uint64_t stream, void* event);
+int event_destroy(void* event);
+const char* error_string(int err);
+
+}  // namespace ckpt_cuda

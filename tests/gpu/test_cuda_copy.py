@@ -1,0 +1,89 @@
+"""ckpt._C_cuda on a real GPU: D2H/H2D copies on a side stream, ordered by events.
+
+Run on a GPU machine: `pytest -m gpu tests/gpu`. Skipped (by tests/conftest.py)
+where no CUDA device is usable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+_C_cuda = pytest.importorskip("ckpt._C_cuda")
+from ckpt import _C  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _pinned_host(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+
+
+def test_available_and_device_count_agree_with_torch() -> None:
+    assert _C_cuda.available()
+    assert _C_cuda.device_count() == torch.cuda.device_count()
+
+
+def test_d2h_waits_for_compute_stream_and_copies_exactly() -> None:
+    n = 64 << 20
+    compute = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    src = torch.zeros(n // 4, dtype=torch.float32, device="cuda")
+    # Queue slow work on the compute stream that produces the bytes to copy: the
+    # copy must see its result, not the zeros, because the side stream waits on it.
+    torch.cuda._sleep(50_000_000)
+    src.add_(torch.arange(n // 4, device="cuda", dtype=torch.float32))
+    dst = _pinned_host(n)
+    ticket = _C_cuda.CudaCopier(0).d2h([(src.data_ptr(), dst.data_ptr(), n)], side.cuda_stream, compute.cuda_stream)
+    assert ticket.bytes_total == n
+    assert ticket.wait(60.0)
+    assert ticket.done()
+    expected = torch.arange(n // 4, dtype=torch.float32).numpy().view(np.uint8)
+    assert np.array_equal(dst.numpy(), expected)
+
+
+def test_make_stream_wait_orders_compute_after_copy_without_blocking_host() -> None:
+    n = 32 << 20
+    side = torch.cuda.Stream()
+    compute = torch.cuda.current_stream()
+    src = torch.full((n,), 3, dtype=torch.uint8, device="cuda")
+    dst = _pinned_host(n)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # delay the copy on the side stream
+    ticket = _C_cuda.CudaCopier(0).d2h([(src.data_ptr(), dst.data_ptr(), n)], side.cuda_stream, None)
+    ticket.make_stream_wait(compute.cuda_stream)
+    assert not ticket.done()  # the host was not blocked
+    src.fill_(9)  # on compute: must run after the copy read the 3s
+    torch.cuda.synchronize()
+    assert ticket.done()
+    assert int(dst[0]) == 3 and int(dst[-1]) == 3
+    assert int(src[0].item()) == 9
+
+
+def test_h2d_into_registered_shm_round_trips_bytes() -> None:
+    n = 8 << 20
+    host = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+    _C_cuda.host_register(host.ctypes.data, n)
+    try:
+        dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+        side = torch.cuda.Stream()
+        t = _C_cuda.CudaCopier(0).h2d([(host.ctypes.data, dev.data_ptr(), n)], side.cuda_stream,
+                                      torch.cuda.current_stream().cuda_stream)
+        assert t.wait(60.0)
+        assert np.array_equal(dev.cpu().numpy(), host)
+        assert _C.crc32c(dev.cpu().numpy()) == _C.crc32c(host)
+    finally:
+        _C_cuda.host_unregister(host.ctypes.data)
+
+
+def test_bad_device_and_null_addresses_raise_native_error() -> None:
+    with pytest.raises(_C_cuda.NativeError, match="devices"):
+        _C_cuda.CudaCopier(torch.cuda.device_count() + 5)
+    side = torch.cuda.Stream()
+    with pytest.raises(_C_cuda.NativeError, match="null"):
+        _C_cuda.CudaCopier(0).d2h([(0, 1, 8)], side.cuda_stream, None)
+    with pytest.raises(_C_cuda.NativeError, match="side_stream"):
+        _C_cuda.CudaCopier(0).d2h([], 0, None)
+    with pytest.raises(_C_cuda.NativeError, match="cudaHostUnregister"):
+        _C_cuda.host_unregister(12345678)

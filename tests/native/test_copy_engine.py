@@ -1,0 +1,142 @@
+"""CopyEngine: exact copies, per-chunk crcs, chunking, timeouts, bad arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ckpt import _C
+
+
+def _random(nbytes: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def _expected_crcs(arrays: list[np.ndarray], chunk_bytes: int) -> list[int]:
+    out = []
+    for a in arrays:
+        for off in range(0, a.nbytes, chunk_bytes):
+            out.append(_C.crc32c(a[off : off + chunk_bytes]))
+    return out
+
+
+def _copy_and_check(engine: _C.CopyEngine, sizes: list[int], chunk_bytes: int, offset: int = 0) -> None:
+    # Unaligned starts: view into a bigger buffer at `offset`.
+    srcs = [_random(n + offset, seed=i)[offset:] for i, n in enumerate(sizes)]
+    dsts = [np.zeros(n + offset, dtype=np.uint8)[offset:] for n in sizes]
+    n_chunks = _C.num_chunks(sizes, chunk_bytes)
+    crcs = np.zeros(n_chunks + 1, dtype=np.uint32)
+    crcs[-1] = 0xDEADBEEF  # guard: nothing written past the last chunk
+    jobs = [(s.ctypes.data, d.ctypes.data, s.nbytes) for s, d in zip(srcs, dsts)]
+    ticket = engine.submit(jobs, chunk_bytes, crcs.ctypes.data)
+    assert ticket.wait(30.0) is True
+    assert ticket.done()
+    assert ticket.bytes_total == sum(sizes)
+    for s, d in zip(srcs, dsts):
+        assert np.array_equal(s, d)
+    assert crcs[:-1].tolist() == _expected_crcs(srcs, chunk_bytes)
+    assert int(crcs[-1]) == 0xDEADBEEF
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_copies_exactly_and_records_each_chunks_crc(threads: int) -> None:
+    with _C.CopyEngine(threads) as engine:
+        assert engine.threads == threads
+        _copy_and_check(engine, [1, 4095, 4096, 100_003, 3 * (1 << 20) + 17], chunk_bytes=65_536)
+        _copy_and_check(engine, [1_000_001, 7], chunk_bytes=999, offset=3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunk_bigger_than_pieces_is_shared_by_workers_and_crc_combined(threads: int) -> None:
+    with _C.CopyEngine(threads) as engine:
+        _copy_and_check(engine, [5 * (1 << 20) + 3], chunk_bytes=4 * (1 << 20) + 1)
+        _copy_and_check(engine, [9 * (1 << 20)], chunk_bytes=1 << 30)
+
+
+def test_chunk_bigger_than_job_gives_one_chunk_per_job() -> None:
+    assert _C.num_chunks([10, 20, 30], 1 << 20) == 3
+    with _C.CopyEngine(2) as engine:
+        _copy_and_check(engine, [10, 20, 30], chunk_bytes=1 << 20)
+
+
+def test_zero_length_jobs_have_no_chunks_and_do_not_shift_numbering() -> None:
+    assert _C.num_chunks([0, 5, 0, 5], 4) == 4
+    with _C.CopyEngine(1) as engine:
+        _copy_and_check(engine, [0, 5, 0, 5], chunk_bytes=4)
+        ticket = engine.submit([], 4, 0)
+        assert ticket.done() and ticket.wait(0) and ticket.bytes_total == 0
+
+
+def test_many_small_jobs() -> None:
+    with _C.CopyEngine(2) as engine:
+        _copy_and_check(engine, [i % 97 for i in range(2000)], chunk_bytes=32)
+
+
+def test_plain_copy_without_crc() -> None:
+    src, dst = _random(2_000_000), np.zeros(2_000_000, dtype=np.uint8)
+    with _C.CopyEngine(2) as engine:
+        assert engine.submit([(src.ctypes.data, dst.ctypes.data, src.nbytes)], 1 << 16, 0).wait(30)
+    assert np.array_equal(src, dst)
+
+
+def test_crc_chunks_matches_submit_chunking() -> None:
+    arrays = [_random(n, seed=n) for n in (0, 3, 70_000, 2_500_000)]
+    chunk_bytes = 1 << 16
+    crcs = np.zeros(_C.num_chunks([a.nbytes for a in arrays], chunk_bytes), dtype=np.uint32)
+    with _C.CopyEngine(2) as engine:
+        assert engine.crc_chunks([(a.ctypes.data, a.nbytes) for a in arrays], chunk_bytes, crcs.ctypes.data).wait(30)
+    assert crcs.tolist() == _expected_crcs(arrays, chunk_bytes)
+
+
+def test_wait_times_out_then_completes() -> None:
+    nbytes = 512 << 20
+    src, dst = np.ones(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
+    with _C.CopyEngine(1) as engine:
+        ticket = engine.submit([(src.ctypes.data, dst.ctypes.data, nbytes)], 1 << 20, 0)
+        assert ticket.wait(0.0) is False
+        assert ticket.wait(60.0) is True
+    assert dst[-1] == 1 and dst[0] == 1
+
+
+def test_ticket_stays_valid_after_engine_is_closed_and_deleted() -> None:
+    src, dst = _random(20 << 20), np.zeros(20 << 20, dtype=np.uint8)
+    engine = _C.CopyEngine(1)
+    ticket = engine.submit([(src.ctypes.data, dst.ctypes.data, src.nbytes)], 1 << 20, 0)
+    engine.close()  # finishes submitted work
+    engine.close()  # idempotent
+    del engine
+    assert ticket.done() and ticket.wait(1.0)
+    assert np.array_equal(src, dst)
+
+
+def test_submit_after_close_raises() -> None:
+    engine = _C.CopyEngine(1)
+    engine.close()
+    with pytest.raises(_C.NativeError, match="closed"):
+        engine.submit([], 1, 0)
+
+
+def test_bad_arguments_raise_clear_native_errors() -> None:
+    buf = np.zeros(64, dtype=np.uint8)
+    a = buf.ctypes.data
+    with pytest.raises(_C.NativeError, match="threads"):
+        _C.CopyEngine(0)
+    with _C.CopyEngine(1) as engine:
+        with pytest.raises(_C.NativeError, match="nbytes"):
+            engine.submit([(a, a + 32, -1)], 16, 0)
+        with pytest.raises(_C.NativeError, match="chunk_bytes must be > 0"):
+            engine.submit([(a, a + 32, 16)], 0, 0)
+        with pytest.raises(_C.NativeError, match="overlap"):
+            engine.submit([(a, a + 8, 16)], 16, 0)
+        with pytest.raises(_C.NativeError, match="null"):
+            engine.submit([(0, a, 16)], 16, 0)
+        with pytest.raises(_C.NativeError, match="tuple"):
+            engine.submit([(a, a + 32)], 16, 0)
+        with pytest.raises(_C.NativeError, match="crc_out_addr"):
+            engine.crc_chunks([(a, 16)], 16, 0)
+        with pytest.raises(_C.NativeError, match="timeout_s"):
+            engine.submit([], 16, 0).wait(-1.0)
+    with pytest.raises(_C.NativeError, match="chunk_bytes"):
+        _C.num_chunks([1], 0)
+    with pytest.raises(_C.NativeError, match="job_sizes"):
+        _C.num_chunks([-1], 4)

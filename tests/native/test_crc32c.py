@@ -1,0 +1,111 @@
+"""crc32c: known vectors, the hardware path against the scalar oracle, combine."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ckpt import _C
+
+# Known crc32c values (RFC 3720 appendix B.4 and the usual check string).
+VECTORS = [
+    (b"", 0x00000000),
+    (b"a", 0xC1D04330),
+    (b"123456789", 0xE3069283),
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+]
+
+
+@pytest.mark.parametrize("data,expected", VECTORS)
+def test_crc32c_matches_known_vectors(data: bytes, expected: int) -> None:
+    assert _C.crc32c(data) == expected
+    assert _C._crc32c_scalar(data) == expected
+
+
+def test_crc32c_impl_follows_the_cpu_and_the_env_override() -> None:
+    with open("/proc/cpuinfo") as f:
+        has_sse42 = " sse4_2" in f.read()
+    forced = os.environ.get("CKPT_CRC_IMPL") == "scalar"
+    assert _C.crc32c_impl() == ("sse4.2" if has_sse42 and not forced else "scalar")
+
+
+def test_hardware_crc_equals_scalar_on_random_lengths_and_unaligned_starts() -> None:
+    rng = random.Random(1234)
+    buf = np.random.default_rng(5).integers(0, 256, 70_000 + 64, dtype=np.uint8).tobytes()
+    lengths = [0, 1, 7, 8, 9, 255, 256, 767, 768, 769, 24_575, 24_576, 24_577, 70_000]
+    lengths += [rng.randrange(0, 70_001) for _ in range(60)]
+    for n in lengths:
+        start = rng.randrange(0, 16)
+        view = memoryview(buf)[start : start + n]
+        assert _C.crc32c(view) == _C._crc32c_scalar(view), (n, start)
+
+
+def test_crc32c_continues_from_a_previous_value() -> None:
+    data = os.urandom(100_003)
+    whole = _C.crc32c(data)
+    for cut in (0, 1, 50_000, 100_003):
+        assert _C.crc32c(data[cut:], _C.crc32c(data[:cut])) == whole
+
+
+def test_crc32c_combine_joins_two_crcs() -> None:
+    a, b = os.urandom(12_345), os.urandom(70_001)
+    assert _C.crc32c_combine(_C.crc32c(a), _C.crc32c(b), len(b)) == _C.crc32c(a + b)
+    assert _C.crc32c_combine(_C.crc32c(a), _C.crc32c(b""), 0) == _C.crc32c(a)
+
+
+def test_crc32c_addr_reads_raw_memory_and_accepts_numpy() -> None:
+    arr = np.frombuffer(os.urandom(4099), dtype=np.uint8).copy()
+    assert _C.crc32c_addr(arr.ctypes.data, arr.nbytes) == _C.crc32c(arr) == _C.crc32c(arr.tobytes())
+    assert _C.crc32c_addr(0, 0) == 0
+
+
+def test_crc32c_rejects_bad_input_with_native_error() -> None:
+    with pytest.raises(_C.NativeError, match="contiguous buffer"):
+        _C.crc32c("text is not bytes")
+    with pytest.raises(_C.NativeError, match="nbytes"):
+        _C.crc32c_addr(1, -5)
+    with pytest.raises(_C.NativeError, match="null"):
+        _C.crc32c_addr(0, 10)
+    noncontig = np.arange(100, dtype=np.uint8)[::2]
+    with pytest.raises(_C.NativeError):
+        _C.crc32c(noncontig)
+
+
+def test_native_error_is_the_ckpt_error_class() -> None:
+    from ckpt import errors
+
+    assert _C.NativeError is errors.NativeError
+    assert issubclass(_C.NativeError, RuntimeError)
+
+
+@pytest.mark.skipif(os.environ.get("CKPT_CRC_IMPL") == "scalar", reason="already the scalar run")
+def test_native_suite_passes_with_scalar_crc() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "CKPT_CRC_IMPL": "scalar"}
+    check = subprocess.run([sys.executable, "-c", "from ckpt import _C; print(_C.crc32c_impl())"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert check.stdout.strip() == "scalar"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+         os.path.join(here, "test_crc32c.py"), os.path.join(here, "test_copy_engine.py")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_cuda_extension_imports_without_a_gpu() -> None:
+    # Built where nvcc exists; importing must not need a GPU or a driver.
+    _C_cuda = pytest.importorskip("ckpt._C_cuda")
+    assert isinstance(_C_cuda.available(), bool)
+    assert _C_cuda.device_count() >= 0
+    if not _C_cuda.available():
+        with pytest.raises(_C_cuda.NativeError, match="no usable CUDA device"):
+            _C_cuda.CudaCopier(0)
