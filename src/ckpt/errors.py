@@ -51,3 +51,11 @@ class LayoutMismatchError(CkptError, ValueError):
 
 class UnsupportedStateError(CkptError, TypeError):
     """A state_dict holds a value ckpt cannot store without pickle."""
+
+
+class DaemonAuthError(CkptError, PermissionError):
+    """The snapshot daemon refused the call: missing or wrong token."""
+
+
+class StorageFullError(CkptError, OSError):
+    """The filesystem ran out of space (or a file-size limit) while writing a checkpoint."""

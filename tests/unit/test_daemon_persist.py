@@ -1,0 +1,172 @@
+"""Persistence, release and orphan reclaim by the daemon, through the client.
+
+Real gRPC server on a Unix socket in this process, real files through ckpt.format;
+the full-disk case runs a real daemon process whose file-size limit makes writes fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ckpt.control.client import DaemonClient
+from ckpt.control.paths import shm_file
+from ckpt.format import verify
+from test_daemon_rpc import (Trainer, daemon, job, make_payload, start_daemon,  # noqa: F401
+                             wait_until)
+
+
+def complete_steps(d: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in d.glob("step-*") if (p / "manifest.json").exists())
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_every_nth_step_is_persisted_as_a_complete_verified_step_dir(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=3, keep=2)
+    scheduled = [t.snapshot(step) for step in range(1, 8)]
+    assert scheduled == [False, False, True, False, False, True, False]
+    wait_until(lambda: complete_steps(out) == [3, 6], what="steps 3 and 6 on disk")
+    manifest = json.loads((out / "step-00000006" / "manifest.json").read_text())
+    assert manifest["step"] == 6 and manifest["world_size"] == 1
+    assert verify(out / "step-00000006").ok
+    assert client.latest(job, 0).disk_steps == (3, 6)
+    assert client.status().segments[0].last_persisted_step == 6 or any(
+        s.last_persisted_step == 6 for s in client.status().segments if s.job == job)
+    t.close()
+
+
+def test_retention_keeps_the_newest_k_steps(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=1, keep=2)
+    for step in range(1, 6):
+        t.snapshot(step)
+        wait_until(lambda: step in complete_steps(out), what=f"step {step} on disk")
+    assert complete_steps(out) == [4, 5]
+    t.close()
+
+
+def test_ranks_of_one_job_on_this_node_go_into_one_step_dir(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    ranks = [Trainer(client, job, rank=r, world_size=2, persist_dir=out, persist_every=2)
+             for r in (0, 1)]
+    assert ranks[0].snapshot(2, make_payload(2, 0, 2, job)) is False  # rank 1 not there yet
+    assert ranks[1].snapshot(2, make_payload(2, 1, 2, job)) is True
+    wait_until(lambda: complete_steps(out) == [2], what="step 2 on disk")
+    manifest = json.loads((out / "step-00000002" / "manifest.json").read_text())
+    assert sorted(manifest["ranks"]) == ["0", "1"]
+    for t in ranks:
+        t.close()
+
+
+def test_persist_with_wait_writes_the_newest_step_now(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out)  # persist_every=0: only on request
+    t.snapshot(4)
+    t.snapshot(5)
+    assert complete_steps(out) == []
+    outcome = client.persist(job, rank=0, wait=True, timeout_s=10)
+    assert (outcome.step, outcome.done, outcome.error) == (5, True, "")
+    assert complete_steps(out) == [5]
+    assert client.persist(job, wait=True, timeout_s=10).done  # again: already persisted
+    t.close()
+
+
+def test_persist_into_a_bad_dir_is_reported_and_the_daemon_keeps_serving(daemon, job, tmp_path):
+    _, client = daemon
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    t = Trainer(client, job, persist_dir=blocker / "ckpts", persist_every=1)
+    t.snapshot(1)
+    outcome = client.persist(job, wait=True, timeout_s=10)
+    assert not outcome.done and "not-a-dir" in outcome.error
+    seg = next(s for s in client.status().segments if s.job == job)
+    assert any("persist of job" in e for e in seg.errors)
+    t.snapshot(2)  # still serving
+    assert client.latest(job, 0).slots[0].step == 2
+    t.close()
+
+
+def test_release_waits_for_the_newest_commit_to_be_persisted(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out)
+    t.snapshot(1)
+    reply = client.release(job)
+    assert list(reply.pending) == [t.reg.segment_name] and not reply.unlinked
+    wait_until(lambda: not shm_file(t.reg.segment_name).exists(), what="released segment gone")
+    assert complete_steps(out) == [1]
+    t.close()
+
+
+def test_orphans_are_never_reclaimed_without_the_flag(daemon, job):
+    core, client = daemon
+    reg = client.register(job, 0, 1, dead_pid(), 1 << 20)
+    time.sleep(0.5)
+    core.watch.tick()
+    assert shm_file(reg.segment_name).exists()
+    assert not next(s for s in client.status().segments if s.job == job).owner_alive
+
+
+def test_orphan_is_reclaimed_only_after_its_newest_commit_is_persisted(tmp_path, job):
+    core, server, client = start_daemon(tmp_path, reclaim_orphans_after_s=0.2)
+    try:
+        out = tmp_path / "ckpts"
+        t = Trainer(client, job, persist_dir=out)
+        t.snapshot(1)
+        t.close()
+        client.register(job, 0, 1, dead_pid(), 1 << 20, persist_dir=out)  # owner is now dead
+        time.sleep(0.6)
+        assert shm_file(t.reg.segment_name).exists(), "reclaimed an unpersisted snapshot"
+        assert client.persist(job, wait=True, timeout_s=10).done
+        wait_until(lambda: not shm_file(t.reg.segment_name).exists(), what="orphan reclaimed")
+        assert any("reclaimed" in e for e in client.status().errors)
+    finally:
+        client.close()
+        server.stop(0).wait(2)
+        core.close()
+
+
+def test_full_persist_dir_reports_an_error_while_the_daemon_keeps_serving(tmp_path, job):
+    sock = tmp_path / "run" / "daemon.sock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ckpt.daemon.server", "--socket", str(sock),
+                             "--watch-interval-s", "0.1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = DaemonClient(sock, timeout_s=5)
+        wait_until(lambda: client.ping(0.5), what="daemon up")
+        out = tmp_path / "ckpts"
+        t = Trainer(client, job, slot_bytes=2 << 20, persist_dir=out, persist_every=1)
+        # The segment exists; from now on the daemon cannot write a file past 256 KiB (Python
+        # ignores SIGXFSZ, so the write fails with EFBIG, as on a full disk).
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+        t.snapshot(1, make_payload(1, nbytes=1 << 20))
+        seg = wait_until(lambda: next((s for s in client.status().segments
+                                       if s.job == job and s.errors), None),
+                         what="persist error in Status")
+        assert "step 1" in seg.errors[0] and seg.last_persisted_step == -1
+        assert complete_steps(out) == []
+        t.snapshot(2, make_payload(2, nbytes=1 << 20))
+        assert client.latest(job, 0).slots[0].step == 2 and proc.poll() is None
+        t.close()
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
