@@ -1,0 +1,337 @@
+"""What does a snapshot of every step cost the training loop? ckpt vs DCP async_save vs torch.save.
+
+One run, one model, one optimizer state (>= 1 GiB: an MLP + AdamW), modes side by side:
+
+- ``none``            plain training, the baseline;
+- ``ckpt``            ckpt.Checkpointer, a snapshot of every step into daemon memory;
+- ``dcp_async``       torch.distributed.checkpoint.async_save every step, default settings;
+- ``dcp_async_shm``   the same with DefaultStager(shared memory, async staging), if torch has it;
+- ``torch_save``      torch.save of the state dict every step (+ fsync).
+
+Per mode: mean step time, throughput relative to ``none`` and the blocking stall per
+snapshot (time the training thread spends inside the checkpoint call and waiting for
+it before the optimizer may run). The physical floor on a CPU: one core must copy the
+whole state once per step, measured here as ``t_copy``; floor = 1 - t_copy / (cores x
+step time). Then: restore from daemon memory, from disk and with ``dcp.load``; persist
+throughput vs ``dd oflag=direct`` on the same disk. Prints a table and a JSON line.
+
+    python bench/snapshot_stall.py [--state-gib 1.1] [--steps 8] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import ckpt  # noqa: E402
+from ckpt import _C  # noqa: E402
+
+
+def build(state_gib: float, width: int = 4096, batch: int = 32):
+    """An MLP whose parameters + AdamW moments take ``state_gib`` GiB, one step already taken."""
+    per_layer_bytes = 12 * width * (width + 1)  # fp32 weight + bias, exp_avg, exp_avg_sq
+    layers = max(1, round(state_gib * (1 << 30) / per_layer_bytes))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, width)
+    y = torch.randn(batch, width)
+    step(model, optimizer, x, y)
+    return model, optimizer, x, y
+
+
+def step(model, optimizer, x, y) -> None:
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def state_tensors(model, optimizer) -> list[torch.Tensor]:
+    out = [p.detach() for p in model.parameters()]
+    for s in optimizer.state.values():
+        out += [v for v in s.values() if torch.is_tensor(v)]
+    return out
+
+
+def measure_copy_s(tensors: list[torch.Tensor]) -> tuple[float, int]:
+    """One core copying the whole state into pre-faulted memory (the physical floor's cost)."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    dst = torch.empty(total, dtype=torch.uint8)
+    dst.fill_(1)  # pre-fault
+    engine = _C.CopyEngine(1)
+    best = float("inf")
+    for _ in range(3):
+        jobs, off = [], 0
+        for t in tensors:
+            n = t.numel() * t.element_size()
+            jobs.append((t.data_ptr(), dst.data_ptr() + off, n))
+            off += n
+        t0 = time.perf_counter()
+        engine.submit(jobs, 4 << 20, 0).wait(60)
+        best = min(best, time.perf_counter() - t0)
+    return best, total
+
+
+class PreHookTimer:
+    """Times what runs between two optimizer pre-hooks: the ones a checkpointer registers."""
+
+    def __init__(self, optimizer) -> None:
+        self.total_s = 0.0
+        self._t0 = 0.0
+        self._first = optimizer.register_step_pre_hook(lambda *a: self._start())
+
+    def _start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def arm_end(self, optimizer) -> None:
+        self._last = optimizer.register_step_pre_hook(lambda *a: self._stop())
+
+    def _stop(self) -> None:
+        self.total_s += time.perf_counter() - self._t0
+
+    def remove(self) -> None:
+        self._first.remove()
+        if hasattr(self, "_last"):
+            self._last.remove()
+
+
+def run_none(model, optimizer, x, y, steps: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(model, optimizer, x, y)
+    return {"step_s": (time.perf_counter() - t0) / steps, "stall_s": 0.0}
+
+
+def run_ckpt(model, optimizer, x, y, steps: int, workdir: Path) -> tuple[dict, "ckpt.Checkpointer"]:
+    timer = PreHookTimer(optimizer)
+    cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1, persist_every=0,
+                           daemon_socket=workdir / "daemon.sock", job="bench")
+    timer.arm_end(optimizer)
+    cp.restore()
+    for s in range(2):  # warm-up: registers the segment, maps and faults its pages
+        step(model, optimizer, x, y)
+        cp.step(s)
+    cp.wait(120)
+    timer.total_s = 0.0
+    call_s = 0.0
+    t0 = time.perf_counter()
+    for s in range(2, 2 + steps):
+        step(model, optimizer, x, y)
+        t1 = time.perf_counter()
+        cp.step(s)
+        call_s += time.perf_counter() - t1
+    # The last step's copy is still in flight: the next optimizer step would wait for it.
+    t1 = time.perf_counter()
+    cp.wait(120)
+    wall = time.perf_counter() - t0
+    wait_last = time.perf_counter() - t1
+    timer.remove()
+    stall = (call_s + timer.total_s + wait_last) / steps
+    return {"step_s": wall / steps, "stall_s": stall, "call_s": call_s / steps,
+            "prehook_wait_s": (timer.total_s + wait_last) / steps}, cp
+
+
+def run_dcp_async(model, optimizer, x, y, steps: int, workdir: Path, stager=None) -> dict:
+    stall = 0.0
+    pending_upload = None
+    pending_staging = None
+    t0 = time.perf_counter()
+    for s in range(steps):
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        t1 = time.perf_counter()
+        if pending_staging is not None:  # state must be staged before the optimizer mutates it
+            pending_staging.result()
+            pending_staging = None
+        stall += time.perf_counter() - t1
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        if pending_upload is not None:  # DCP allows one save in flight
+            pending_upload.result()
+            shutil.rmtree(workdir / f"dcp-{s - 1}", ignore_errors=True)
+        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        kwargs = {"no_dist": True}
+        if stager is not None:
+            kwargs["async_stager"] = stager
+        result = dcp.async_save(state, checkpoint_id=str(workdir / f"dcp-{s}"), **kwargs)
+        if hasattr(result, "upload_completion"):
+            pending_staging, pending_upload = result.staging_completion, result.upload_completion
+        else:
+            pending_upload = result
+        stall += time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if pending_staging is not None:
+        pending_staging.result()
+    stall += time.perf_counter() - t1
+    wall = time.perf_counter() - t0
+    pending_upload.result()
+    shutil.rmtree(workdir / f"dcp-{steps - 1}", ignore_errors=True)
+    return {"step_s": wall / steps, "stall_s": stall / steps}
+
+
+def run_torch_save(model, optimizer, x, y, steps: int, workdir: Path) -> dict:
+    stall = 0.0
+    path = workdir / "torch_save.pt"
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(model, optimizer, x, y)
+        t1 = time.perf_counter()
+        with open(path, "wb") as f:
+            torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        stall += time.perf_counter() - t1
+    wall = time.perf_counter() - t0
+    path.unlink()
+    return {"step_s": wall / steps, "stall_s": stall / steps}
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int) -> dict:
+    out: dict = {}
+    # Persist the newest snapshot (close() asks the daemon and waits): persist throughput.
+    t0 = time.perf_counter()
+    cp.close()
+    out["persist_s"] = time.perf_counter() - t0
+    out["persist_gbps"] = state_bytes / out["persist_s"] / 1e9
+
+    cp2 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
+                            daemon_socket=workdir / "daemon.sock", job="bench")
+    t0 = time.perf_counter()
+    cp2.restore()
+    out["restore_memory_s"] = time.perf_counter() - t0
+    out["restore_memory_tier"] = getattr(cp2, "last_restore_tier", "memory")
+    cp2.close()
+
+    from ckpt.control.client import DaemonClient
+
+    with DaemonClient(str(workdir / "daemon.sock"), timeout_s=60) as client:
+        client.release("bench")  # forget the memory tier: the next restore must read the disk
+    out["page_cache_dropped"] = drop_page_cache()
+    cp3 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
+                            daemon_socket=workdir / "daemon.sock", job="bench")
+    t0 = time.perf_counter()
+    cp3.restore()
+    out["restore_disk_s"] = time.perf_counter() - t0
+    out["restore_disk_tier"] = getattr(cp3, "last_restore_tier", "disk")
+    cp3.close()
+
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    dcp.save(state, checkpoint_id=str(workdir / "dcp-load"), no_dist=True)
+    drop_page_cache()
+    t0 = time.perf_counter()
+    dcp.load(state, checkpoint_id=str(workdir / "dcp-load"), no_dist=True)
+    out["dcp_load_s"] = time.perf_counter() - t0
+    return out
+
+
+def measure_dd(workdir: Path, nbytes: int) -> float:
+    path = workdir / "dd.bin"
+    count = max(1, nbytes // (16 << 20))
+    t0 = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "oflag=direct",
+                    "conv=fsync"], check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return count * (16 << 20) / seconds / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--state-gib", type=float, default=1.1)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--skip", default="", help="comma-separated modes to skip")
+    args = p.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    cores = os.cpu_count() or 1
+
+    model, optimizer, x, y = build(args.state_gib)
+    tensors = state_tensors(model, optimizer)
+    t_copy, state_bytes = measure_copy_s(tensors)
+    results: dict[str, dict] = {}
+    results["none"] = run_none(model, optimizer, x, y, args.steps)
+    results["ckpt"], cp = run_ckpt(model, optimizer, x, y, args.steps, workdir)
+    results["none_again"] = run_none(model, optimizer, x, y, args.steps)  # drift check
+    if "dcp_async" not in skip:
+        results["dcp_async"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir)
+    if "dcp_async_shm" not in skip:
+        try:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                  use_shared_memory=True, use_async_staging=True,
+                                                  use_non_blocking_copy=torch.cuda.is_available()))
+            results["dcp_async_shm"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir, stager)
+            stager.close()
+        except ImportError:
+            pass
+    if "torch_save" not in skip:
+        results["torch_save"] = run_torch_save(model, optimizer, x, y, args.steps, workdir)
+
+    restore = measure_restores(model, optimizer, cp, workdir, state_bytes)
+    dd_gbps = measure_dd(workdir, min(state_bytes, 2 << 30))
+
+    base_step = (results["none"]["step_s"] + results["none_again"]["step_s"]) / 2
+    floor = 1 - t_copy / (cores * base_step)
+    print(f"state: {state_bytes / (1 << 30):.2f} GiB ({len(tensors)} tensors), cores: {cores}, "
+          f"step (no ckpt): {base_step:.3f} s, t_copy (1 core): {t_copy:.3f} s, floor: {floor:.3f}")
+    print(f"{'mode':<16}{'step s':>9}{'throughput':>12}{'stall/snapshot s':>18}{'stall vs async_save':>21}")
+    async_stall = results.get("dcp_async", {}).get("stall_s")
+    for name, r in results.items():
+        r["throughput"] = base_step / r["step_s"]
+        ratio = r["stall_s"] / async_stall if async_stall else float("nan")
+        r["stall_vs_dcp_async"] = ratio
+        print(f"{name:<16}{r['step_s']:>9.3f}{r['throughput']:>12.3f}{r['stall_s']:>18.4f}{ratio:>21.4f}")
+    loss_ckpt = 1 - results["ckpt"]["throughput"]
+    loss_floor = 1 - floor
+    print(f"ckpt throughput loss {loss_ckpt:.3f} vs floor loss {loss_floor:.3f} "
+          f"(ratio {loss_ckpt / loss_floor:.2f}; target <= 1.25)")
+    print(f"restore: memory {restore['restore_memory_s']:.3f} s, disk {restore['restore_disk_s']:.3f} s, "
+          f"dcp.load {restore['dcp_load_s']:.3f} s (memory is {restore['dcp_load_s'] / restore['restore_memory_s']:.1f}x "
+          f"faster than dcp.load; page cache dropped: {restore['page_cache_dropped']})")
+    print(f"persist: {restore['persist_gbps']:.2f} GB/s vs dd oflag=direct {dd_gbps:.2f} GB/s "
+          f"({restore['persist_gbps'] / dd_gbps:.0%})")
+    record = {
+        "bench": "snapshot_stall", "machine": platform.node(), "cpu_cores": cores,
+        "python": platform.python_version(), "torch": torch.__version__, "ckpt": ckpt.__version__,
+        "state_bytes": state_bytes, "steps": args.steps, "t_copy_s": t_copy, "floor": floor,
+        "throughput_loss_vs_floor": loss_ckpt / loss_floor, "modes": results, "restore": restore,
+        "dd_gbps": dd_gbps, "persist_vs_dd": restore["persist_gbps"] / dd_gbps,
+        "restore_memory_vs_dcp_load": restore["dcp_load_s"] / restore["restore_memory_s"],
+    }
+    print(json.dumps(record))
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""``Checkpointer``: snapshot every training step into shared memory, restore bit-exactly.
+
+Who calls what, in which order (every rank of a job, on its training thread)::
+
+    cp = Checkpointer(model, optimizer, scheduler=sched, dir="runs/x", extra={...})
+    start = cp.restore()              # 0 on a fresh run, else the step after the snapshot
+    for step in range(start, n):
+        ...; optimizer.step()         # pre-hook: waits for the copy of the previous snapshot
+        cp.step(step)                 # returns at once; the copy overlaps fwd/bwd of step+1
+    cp.close()                        # waits, asks for a persist of the newest step
+
+``step()`` only blocks when the previous snapshot has not been sealed yet (the
+copy itself is waited for by the optimizer's step pre-hook, the one blocking
+point of the lazy copy). Not thread-safe: call it from the training thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ckpt.config import DEFAULT_CHUNK_BYTES, CheckpointerConfig
+from ckpt.errors import CkptError, ConfigError
+from ckpt.hook.committer import CommitRecord, Committer
+from ckpt.hook.daemon_link import DaemonLink
+from ckpt.hook.segments import acquire_segment
+from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
+from ckpt.snapshot.geometry import geometries
+from ckpt.snapshot.layout import slot_bytes_for
+from ckpt.snapshot.stager import PendingSnapshot, SlotStager, SlotTooSmallError, plan_snapshot, \
+    signature_of
+from ckpt.snapshot.tree import flatten
+
+log = logging.getLogger("ckpt.hook")
+
+
+@dataclass(frozen=True)
+class CheckpointerStats:
+    """Counters since construction; times in seconds."""
+
+    snapshots_taken: int = 0       # sealed into memory
+    snapshots_skipped: int = 0     # the slot was held by a reader (persist): never waited for
+    last_step_call_s: float = 0.0  # wall time of the last step() call
+    max_step_call_s: float = 0.0
+    last_stall_s: float = 0.0      # last time the optimizer pre-hook blocked for a copy
+    max_stall_s: float = 0.0
+    total_stall_s: float = 0.0
+    last_copy_s: float = 0.0       # copy time of the last sealed snapshot
+    last_commit_s: float = 0.0     # from start of copy to sealed
+    last_committed_step: int = -1
+    daemon_errors: int = 0
+
+
+def _rank_and_world(group: Any) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+class Checkpointer:
+    """Snapshots model, optimizer, scheduler, extras and RNG state every ``every`` steps."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any = None, *, dir: str | os.PathLike[str] = "checkpoints",
+                 every: int = 1, persist_every: int = 100, keep: int = 3,
+                 extra: Mapping[str, Any] | None = None, job: str | None = None,
+                 daemon_socket: str | os.PathLike[str] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, copy_threads: int = 1,
+                 process_group: Any = None, start_daemon: bool = True,
+                 **options: Any) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
+                              f"{type(optimizer).__name__}")
+        if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
+            raise ConfigError("scheduler must have state_dict() and load_state_dict()")
+        self.config = CheckpointerConfig(
+            dir=Path(dir), every=every, persist_every=persist_every, keep=keep, job=job or "",
+            daemon_socket=Path(daemon_socket) if daemon_socket else None,
+            chunk_bytes=chunk_bytes, copy_threads=copy_threads, start_daemon=start_daemon,
+            **options)
+        from ckpt import _C
+
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.extras = check_extras(extra)
+        self.process_group = process_group
+        self.rank, self.world_size = _rank_and_world(process_group)
+        self.engine = _C.CopyEngine(self.config.copy_threads)
+        self.link = DaemonLink(self.config, self.rank, self.world_size)
+        self._segment: Any = None
+        self._stager: SlotStager | None = None
+        self._switch_to: str | None = None
+        self._plan = None
+        self._pending: PendingSnapshot | None = None  # copy not yet waited for by the pre-hook
+        self._stats = CheckpointerStats()
+        self._stats_lock = threading.Lock()
+        self._closed = False
+        self._committer = Committer(self._finish, self._on_commit, self.config.wait_timeout_s)
+        self._hooks = [
+            optimizer.register_step_pre_hook(lambda *_: self._wait_copy()),
+            optimizer.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
+            model.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
+        ]
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> CheckpointerStats:
+        with self._stats_lock:
+            return replace(self._stats, daemon_errors=self.link.errors)
+
+    def restore(self) -> int:
+        """Load the newest snapshot every rank holds; 0 on a fresh run, else its step + 1.
+
+        Collective when torch.distributed is initialised (every rank must call it).
+        """
+        self._check_open()
+        self.wait(self.config.wait_timeout_s)
+        from ckpt.recovery.restore import RestoreTarget, restore
+
+        if self.config.start_daemon:
+            try:
+                self.link._connect()  # the embedded default: a daemon for this node
+            except CkptError as exc:
+                log.warning("ckpt: restore goes on without a daemon: %s", exc)
+        step = restore(RestoreTarget(
+            self.model, self.optimizer, self.scheduler, self.extras, self.config.job,
+            self.config.dir, self.rank, self.world_size, self.process_group, self.engine))
+        return 0 if step is None else step + 1
+
+    def step(self, step: int) -> None:
+        """Snapshot the state after ``optimizer.step()`` of ``step``; returns at once.
+
+        Call it after the optimizer step of every training step. Until the copy is
+        done, nothing may mutate parameters or optimizer state except through
+        ``optimizer.step()``/``load_state_dict`` (they wait). Model buffers (e.g.
+        BatchNorm statistics, which the next forward updates) are copied before return.
+        """
+        t0 = time.perf_counter()
+        self._check_open()
+        if not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be an int >= 0, got {step!r}")
+        self._committer.raise_error()
+        if step % self.config.every:
+            return
+        self._wait_copy()
+        if not self._committer.wait_idle(self.config.wait_timeout_s):
+            raise CkptError(f"the snapshot before step {step} was not sealed within "
+                            f"{self.config.wait_timeout_s} s")
+        state = collect_state(self.model, self.optimizer, self.scheduler, self.extras, step)
+        tensors, skeleton = flatten(state)
+        geoms = geometries(tensors)
+        sources = self._stable_sources(geoms)
+        signature = signature_of(geoms)
+        if self._plan is None or self._plan.signature != signature:
+            self._plan = plan_snapshot(geoms, self.config.chunk_bytes)
+        meta = {"job": self.config.job, "rank": self.rank, "world_size": self.world_size,
+                "step": step, "state": skeleton}
+        pending = self._begin(step, meta, sources)
+        if pending is None:
+            with self._stats_lock:
+                self._stats = replace(self._stats,
+                                      snapshots_skipped=self._stats.snapshots_skipped + 1)
+            log.info("ckpt: skipped the snapshot of step %d: a reader holds the slot", step)
+        else:
+            self._pending = pending
+            self._committer.submit(pending)
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self._stats = replace(self._stats, last_step_call_s=elapsed,
+                                  max_step_call_s=max(self._stats.max_step_call_s, elapsed))
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until the last snapshot is sealed; True when it is (or none was taken).
+
+        Re-raises an error of the committer thread.
+        """
+        timeout_s = self.config.wait_timeout_s if timeout_s is None else timeout_s
+        return self._committer.wait_idle(timeout_s)
+
+    def close(self) -> None:
+        """Seal the last snapshot, persist the newest step (daemon, else in-process). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._committer.wait_idle(self.config.wait_timeout_s)
+            self._persist_newest()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._committer.close(self.config.wait_timeout_s)
+            if self._stager is not None:
+                self._stager.close()
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
+            self.link.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CkptError("this Checkpointer is closed; create a new one")
+
+    def _stable_sources(self, geoms: list) -> list[torch.Tensor]:
+        """The tensors to copy from: the live ones where only optimizer.step() mutates them,
+        eager copies of everything else (model buffers, non-contiguous views)."""
+        params = parameter_storage_ptrs(self.model)
+        sources = []
+        for g in geoms:
+            t = g.local
+            if not t.is_contiguous() or (g.name.startswith("model/")
+                                         and t.data_ptr() not in params):
+                t = t.detach().clone(memory_format=torch.contiguous_format)
+            sources.append(t)
+        return sources
+
+    def _slot_bytes_needed(self, meta: dict) -> int:
+        import json
+
+        meta_estimate = len(json.dumps(meta["state"], separators=(",", ":"))) + \
+            256 * len(self._plan.layout.tensors) + 1024
+        data = int(self._plan.layout.data_bytes * self.config.slot_headroom)
+        return slot_bytes_for(self._plan.layout, meta_estimate) + (data - self._plan.layout.data_bytes)
+
+    def _ensure_segment(self, need_bytes: int) -> None:
+        if self._switch_to is not None and self._segment is not None \
+                and self._segment.name != self._switch_to:
+            self._drop_segment()
+        self._switch_to = None
+        if self._segment is not None and self._segment.slot_bytes >= need_bytes:
+            return
+        self._drop_segment()
+        self._segment = acquire_segment(self.link, self.config.job, self.rank, need_bytes)
+        self._stager = SlotStager(self._segment, self.engine)
+
+    def _drop_segment(self) -> None:
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    def _begin(self, step: int, meta: dict, sources: list) -> PendingSnapshot | None:
+        need = None
+        if self._segment is None or self._switch_to is not None:
+            need = self._slot_bytes_needed(meta)
+            self._ensure_segment(need)
+        try:
+            return self._stager.begin(step, self._plan, sources, meta)
+        except SlotTooSmallError:
+            need = max(self._slot_bytes_needed(meta), self._segment.slot_bytes + 4096)
+            log.info("ckpt: the state outgrew the segment; registering %d-byte slots", need)
+            self._ensure_segment(need)
+            return self._stager.begin(step, self._plan, sources, meta)
+
+    def _wait_copy(self) -> None:
+        """The only blocking point of the lazy copy (optimizer.step / load_state_dict)."""
+        pending = self._pending
+        if pending is None:
+            return
+        t0 = time.perf_counter()
+        if pending.cuda_tickets:
+            # GPU: the compute stream waits for the D2H on the device; the host goes on.
+            pending.make_stream_wait(torch.cuda.current_stream().cuda_stream)
+        for t in pending.cpu_tickets:
+            if not t.wait(self.config.wait_timeout_s):
+                raise CkptError(f"the snapshot copy of step {pending.step} did not finish "
+                                f"within {self.config.wait_timeout_s} s")
+        self._pending = None
+        stall = time.perf_counter() - t0
+        with self._stats_lock:
+            s = self._stats
+            self._stats = replace(s, last_stall_s=stall, max_stall_s=max(s.max_stall_s, stall),
+                                  total_stall_s=s.total_stall_s + stall)
+
+    def _finish(self, pending: PendingSnapshot) -> int:
+        return self._stager.finish(pending, self.config.wait_timeout_s)
+
+    def _on_commit(self, record: CommitRecord) -> None:
+        with self._stats_lock:
+            s = self._stats
+            self._stats = replace(s, snapshots_taken=s.snapshots_taken + 1,
+                                  last_copy_s=record.copy_s, last_commit_s=record.commit_s,
+                                  last_committed_step=record.step)
+        switch = self.link.commit(record.slot, record.step, record.seq)
+        if switch is not None and self._segment is not None and switch != self._segment.name:
+            self._switch_to = switch
+
+    def _persist_newest(self) -> None:
+        step = self._stats.last_committed_step
+        if step < 0:
+            return
+        if self.link.connected or self.config.start_daemon:
+            done, error = self.link.persist(step, self.config.persist_timeout_s)
+            if done:
+                return
+            log.warning("ckpt: the daemon did not persist step %d (%s); persisting in-process",
+                        step, error)
+        self._persist_in_process(step)
+
+    def _persist_in_process(self, step: int) -> None:
+        from ckpt import format as fmt
+
+        seg = self._segment
+        committed = seg.committed() if seg is not None else None
+        if committed is None or committed[1] != step:
+            log.warning("ckpt: step %d is no longer the committed snapshot; not persisted", step)
+            return
+        slot = committed[0]
+        if not seg.try_lock(slot, os.getpid(), "read"):
+            raise CkptError(f"cannot read-lock slot {slot} of {seg.name} to persist step {step}")
+        try:
+            info = seg.slot_info(slot)
+            view = seg.slot_view(slot)[:info["payload_bytes"]]
+            if self.world_size == 1:
+                fmt.persist_payloads(self.config.dir, step, 1, {0: view},
+                                     keep=self.config.keep or None)
+            else:
+                from ckpt.storage.fs import FsStorage
+
+                staging = FsStorage(self.config.dir).begin_step(step)
+                fmt.write_rank(staging, self.rank, self.world_size, view,
+                               expected_crc=info["payload_crc"])
+                fmt.finish_if_complete(staging, self.world_size, keep=self.config.keep or None)
+        finally:
+            seg.unlock(slot, os.getpid())

@@ -1,0 +1,248 @@
+"""``restore``: load the newest step every rank has, from the fastest tier that verifies.
+
+Order of work (every rank calls it, in the same order, on the training thread):
+
+1. list local candidates: sealed slots in shared memory whose header verifies, and
+   complete steps on disk;
+2. with torch.distributed initialised, agree on the steps every rank has
+   (``all_gather`` of a fixed-size int64 tensor; no pickle);
+3. newest first: try memory, then disk (each verified chunk by chunk before a byte
+   reaches a live tensor); ``all_reduce(MIN)`` of the success flag, so that either
+   every rank loaded this step or all move on to the previous one;
+4. set what is not a tensor (optimizer hyperparameters, scheduler, extras, RNG).
+
+Returns the step loaded, or None when no rank has any snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ckpt.errors import CkptError, LayoutMismatchError, StepNotFoundError
+from ckpt.hook.state import apply_optimizer_scalars, set_rng_state
+from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
+from ckpt.snapshot.geometry import geometries
+from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
+
+log = logging.getLogger("ckpt.restore")
+MAX_AGREED_STEPS = 64
+
+
+@dataclass
+class RestoreTarget:
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    extras: Mapping[str, Any]
+    job: str
+    dir: Path
+    rank: int
+    world_size: int
+    process_group: Any
+    engine: Any
+
+
+def _dist_active(group: Any) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _collective_device(group: Any) -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_on_steps(local_steps: list[int], group: Any) -> list[int]:
+    """Steps (newest first) that every rank of ``group`` holds; local steps without a group."""
+    mine = sorted(set(local_steps), reverse=True)[:MAX_AGREED_STEPS]
+    if not _dist_active(group):
+        return mine
+    import torch.distributed as dist
+
+    device = _collective_device(group)
+    t = torch.full((MAX_AGREED_STEPS,), -1, dtype=torch.int64)
+    t[:len(mine)] = torch.tensor(mine, dtype=torch.int64)
+    t = t.to(device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    common = None
+    for o in out:
+        steps = {int(v) for v in o.cpu().tolist() if v >= 0}
+        common = steps if common is None else common & steps
+    return sorted(common or (), reverse=True)
+
+
+def all_succeeded(ok: bool, group: Any) -> bool:
+    if not _dist_active(group):
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _disk_steps(directory: Path) -> dict[int, Path]:
+    from ckpt.storage.fs import list_steps
+
+    try:
+        return {s.step: s.path for s in list_steps(directory) if s.complete}
+    except FileNotFoundError:
+        return {}
+
+
+class _Loader:
+    """Copies a verified source into the live state of one target."""
+
+    def __init__(self, target: RestoreTarget) -> None:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.target = target
+        # Makes optimizer state exist (a zero-lr step when it is empty), so that its
+        # tensors can be filled in place; returns the live tensors.
+        model_sd, optim_sd = get_state_dict(target.model, target.optimizer)
+        self.live_optim = optim_sd
+        tensors, _ = flatten({"model": model_sd, "optim": optim_sd})
+        self.live = {g.name: g for g in geometries(tensors)}
+
+    def check(self, meta: Mapping[str, Any], where: str) -> None:
+        stored = {e["name"]: e for e in meta["tensors"]
+                  if e["name"].startswith(("model/", "optim/"))}
+        for name, g in self.live.items():
+            e = stored.get(name)
+            if e is None:
+                raise LayoutMismatchError(f"{where}: the snapshot has no tensor {name!r}, which "
+                                          f"the model/optimizer has; was the model changed?")
+            for what, have, want in (("dtype", g.dtype_name, e["dtype"]),
+                                     ("global shape", list(g.global_shape), e["global_shape"]),
+                                     ("local shape", list(g.shape), e["shape"]),
+                                     ("offsets", list(g.offsets), e["offsets"])):
+                if have != want:
+                    raise LayoutMismatchError(
+                        f"{where}: tensor {name!r} has {what} {want} in the snapshot but {have} "
+                        f"in the model/optimizer; restore into the same model, dtype and "
+                        f"parallel layout (resharding is not supported yet)")
+        extra = sorted(set(stored) - set(self.live))
+        if extra:
+            raise LayoutMismatchError(f"{where}: the snapshot has tensors the model/optimizer "
+                                      f"lacks: {extra[:5]}{'...' if len(extra) > 5 else ''}")
+
+    def load_tensors(self, source: Any) -> list[Any]:
+        """Copy every model/optim tensor into the live tensors; return the tensor list for
+        unflatten (live tensors, or fresh CPU tensors for rng/scheduler/extra)."""
+        cpu_jobs = []
+        out: list[Any] = []
+        for i, e in enumerate(source.meta["tensors"]):
+            live = self.live.get(e["name"])
+            raw = source.tensor_bytes(i)
+            dtype = dtype_from_name(e["dtype"])
+            if live is None:
+                t = raw.clone().view(dtype).reshape(e["shape"]) if raw.numel() else \
+                    torch.empty(e["shape"], dtype=dtype)
+                out.append(t)
+                continue
+            local = live.local
+            out.append(None)  # replaced below by the live (DTensor or plain) tensor
+            if not e["nbytes"]:
+                continue
+            if local.device.type == "cpu" and local.is_contiguous():
+                cpu_jobs.append((source.tensor_addr(i), local.data_ptr(), int(e["nbytes"])))
+            else:
+                with torch.no_grad():
+                    local.copy_(raw.view(dtype).reshape(local.shape), non_blocking=False)
+        if cpu_jobs:
+            ticket = self.target.engine.submit(cpu_jobs, 64 << 20, 0)
+            ticket.wait(None)
+        return out
+
+    def apply(self, source: Any, tensors: list[Any]) -> None:
+        target = self.target
+        live_by_index = []
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(target.model, target.optimizer)
+        live_tensors, _ = flatten({"model": model_sd, "optim": optim_sd})
+        by_name = dict(live_tensors)
+        for i, e in enumerate(source.meta["tensors"]):
+            live_by_index.append(by_name[e["name"]] if tensors[i] is None else tensors[i])
+        state = unflatten(source.meta["state"], live_by_index)
+        apply_optimizer_scalars(target.optimizer, optim_sd, state["optim"])
+        if target.scheduler is not None and state.get("scheduler") is not None:
+            target.scheduler.load_state_dict(state["scheduler"])
+        for name, obj in target.extras.items():
+            if name not in state["extra"]:
+                raise LayoutMismatchError(f"the snapshot has no extra {name!r} (it holds "
+                                          f"{sorted(state['extra'])})")
+            obj.load_state_dict(state["extra"][name])
+        set_rng_state(state["rng"])
+
+
+def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
+                 target: RestoreTarget) -> tuple[Any, list[Any]] | None:
+    """Load ``step`` from memory, else disk; returns (source, tensors) or None."""
+    attempts: list[Any] = [("memory", c) for c in mem] + ([("disk", disk_path)] if disk_path else [])
+    for tier, what in attempts:
+        source = None
+        try:
+            source = (MemorySource(what, target.engine) if tier == "memory"
+                      else DiskSource(what, target.rank, target.world_size))
+            if source.step != step:
+                raise CkptError(f"{source.where} holds step {source.step}, expected {step}")
+            loader.check(source.meta, source.where)
+            source.verify()  # before any byte reaches a live tensor
+            tensors = loader.load_tensors(source)
+            log.info("ckpt: rank %d restored step %d from %s", target.rank, step, source.where)
+            return source, tensors
+        except LayoutMismatchError:
+            if source is not None:
+                source.close()
+            raise
+        except (CkptError, OSError, KeyError, ValueError) as exc:
+            log.warning("ckpt: rank %d could not restore step %d from %s: %s; trying the next "
+                        "tier or an older step", target.rank, step, tier, exc)
+            if source is not None:
+                source.close()
+    return None
+
+
+def restore(target: RestoreTarget) -> int | None:
+    """Restore the newest step every rank holds; None when there is nothing to restore.
+
+    Raises LayoutMismatchError when a snapshot does not fit the model, and
+    StepNotFoundError when snapshots exist but none loads on every rank.
+    """
+    mem_by_step: dict[int, list] = {}
+    for c in memory_candidates(target.job, target.rank):
+        mem_by_step.setdefault(c.step, []).append(c)
+    disk = _disk_steps(target.dir)
+    steps = agree_on_steps(list(mem_by_step) + list(disk), target.process_group)
+    if not steps:
+        return None
+    loader = _Loader(target)
+    for step in steps:
+        loaded = _try_sources(loader, step, mem_by_step.get(step, []), disk.get(step), target)
+        ok = all_succeeded(loaded is not None, target.process_group)
+        if not ok:
+            if loaded is not None:
+                loaded[0].close()
+            log.warning("ckpt: step %d is not loadable on every rank; trying an older one", step)
+            continue
+        source, tensors = loaded
+        try:
+            loader.apply(source, tensors)
+        finally:
+            source.close()
+        return step
+    raise StepNotFoundError(
+        f"snapshots of steps {steps[:8]} exist for job {target.job!r} but none could be "
+        f"loaded on every rank (see the warnings above for each tier's reason); move "
+        f"{target.dir} aside to start fresh")

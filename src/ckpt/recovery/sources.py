@@ -1,0 +1,217 @@
+"""Where a snapshot can be restored from: a sealed slot in memory, or a step on disk.
+
+Both tiers give the same view: the snapshot ``meta`` (INTERNALS §3: tensor
+entries and the state skeleton), ``verify()`` that raises CorruptChunkError or
+CorruptCheckpointError naming the chunk, and ``tensor_bytes(i)``, the raw bytes
+of tensor ``i`` as a CPU uint8 tensor. Nothing is trusted before ``verify()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckpt.control.paths import parse_segment_name, shm_file
+from ckpt.errors import CkptError, CorruptCheckpointError, CorruptChunkError, SlotBusyError
+
+SEGMENT_HEADER_BYTES = 4096
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def break_dead_lock(segment: Any, slot: int) -> bool:
+    """Break slot's lock when its owner process is gone (INTERNALS §2). True if broken."""
+    owner = segment.lock_owner(slot)
+    if owner is None:
+        return False
+    _, pid = owner
+    if pid == os.getpid() or pid_alive(pid):
+        return False
+    segment.break_lock(slot)
+    return True
+
+
+def segment_names(job: str, rank: int, shm_dir: Path = Path("/dev/shm")) -> list[tuple[int, str]]:
+    """(generation, name) of this user's segments of (job, rank), newest generation first."""
+    uid = os.getuid()
+    found = []
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return []
+    for entry in entries:
+        parsed = parse_segment_name(entry)
+        if parsed and parsed.uid == uid and parsed.job == job and parsed.rank == rank:
+            found.append((parsed.generation, parsed.name))
+    return sorted(found, reverse=True)
+
+
+@dataclass(frozen=True)
+class MemoryCandidate:
+    segment_name: str
+    slot: int
+    step: int
+    seq: int
+    payload_bytes: int
+    payload_crc: int
+
+
+def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
+    """Sealed slots of (job, rank) in shared memory whose header area verifies, newest first."""
+    from ckpt import _C
+    from ckpt.snapshot.layout import read_payload
+
+    out: list[MemoryCandidate] = []
+    for _, name in segment_names(job, rank):
+        try:
+            seg = _C.Segment.open(name)
+        except Exception:  # damaged or foreign: the daemon reports those
+            continue
+        try:
+            for slot in (0, 1):
+                info = seg.slot_info(slot)
+                if info["state"] != "SEALED":
+                    continue
+                view = seg.slot_view(slot)[:info["payload_bytes"]]
+                try:
+                    read_payload(view, expected_crc=info["payload_crc"])
+                except CkptError:
+                    continue
+                out.append(MemoryCandidate(name, slot, info["step"], info["seq"],
+                                           info["payload_bytes"], info["payload_crc"]))
+        finally:
+            seg.close()
+    return sorted(out, key=lambda c: (c.step, c.seq), reverse=True)
+
+
+class MemorySource:
+    """A sealed slot, read-locked from ``open`` until ``close``."""
+
+    tier = "memory"
+
+    def __init__(self, candidate: MemoryCandidate, engine: Any) -> None:
+        from ckpt import _C
+        from ckpt.snapshot.layout import read_payload
+
+        self.candidate = candidate
+        self.engine = engine
+        self.where = f"shared memory {shm_file(candidate.segment_name)} slot {candidate.slot}"
+        self._seg = _C.Segment.open(candidate.segment_name)
+        self._locked = False
+        try:
+            if not self._seg.try_lock(candidate.slot, os.getpid(), "read"):
+                if not (break_dead_lock(self._seg, candidate.slot)
+                        and self._seg.try_lock(candidate.slot, os.getpid(), "read")):
+                    raise SlotBusyError(f"{self.where} is locked by {self._seg.lock_owner(candidate.slot)}")
+            self._locked = True
+            info = self._seg.slot_info(candidate.slot)
+            if info["state"] != "SEALED" or info["seq"] != candidate.seq:
+                raise CorruptCheckpointError(f"{self.where} was rewritten (seq {info['seq']}, "
+                                             f"state {info['state']}) since it was listed")
+            self._view = self._seg.slot_view(candidate.slot)[:candidate.payload_bytes]
+            self.layout, self.meta, self._crcs = read_payload(self._view, candidate.payload_crc)
+            self._meta_bytes = int.from_bytes(bytes(self._view[16:24]), "little")
+            self._data_addr = (self._seg.slot_address(candidate.slot)
+                               + self.layout.data_offset(self._meta_bytes))
+        except BaseException:
+            self.close()
+            raise
+        self.step = int(self.meta["step"])
+
+    def verify(self) -> None:
+        """Checksum every chunk (native, GIL released) against the crc array."""
+        layout = self.layout
+        jobs = [(self._data_addr + p.data_offset, p.spec.nbytes) for p in layout.tensors
+                if p.spec.nbytes]
+        actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
+        if layout.num_chunks:
+            ticket = self.engine.crc_chunks(jobs, layout.chunk_bytes, actual.ctypes.data)
+            ticket.wait(None)
+        bad = np.nonzero(actual[:layout.num_chunks] != self._crcs)[0]
+        if bad.size:
+            k = int(bad[0])
+            p = next(p for p in layout.tensors if p.first_chunk <= k < p.first_chunk + p.num_chunks)
+            raise CorruptChunkError(
+                f"{self.where} (step {self.step}): tensor {p.spec.name!r} chunk "
+                f"{k - p.first_chunk} (payload chunk {k}) has crc32c {int(actual[k]):#010x}, "
+                f"recorded {int(self._crcs[k]):#010x}; {bad.size} damaged chunk(s) in all")
+
+    def tensor_addr(self, i: int) -> int:
+        return self._data_addr + self.layout.tensors[i].data_offset
+
+    def tensor_bytes(self, i: int) -> torch.Tensor:
+        p = self.layout.tensors[i]
+        if not p.spec.nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        start = self.layout.data_offset(self._meta_bytes) + p.data_offset
+        return torch.frombuffer(self._view[start:start + p.spec.nbytes], dtype=torch.uint8)
+
+    def close(self) -> None:
+        if self._seg is None:
+            return
+        self._view = None
+        if self._locked:
+            self._seg.unlock(self.candidate.slot, os.getpid())
+            self._locked = False
+        self._seg.close()
+        self._seg = None
+
+
+class DiskSource:
+    """One rank of a complete step on disk; ``verify`` reads (and crc-checks) every chunk."""
+
+    tier = "disk"
+
+    def __init__(self, step_path: Path, rank: int, world_size: int) -> None:
+        from ckpt.format import StepReader
+
+        self.where = f"disk {step_path}"
+        self._reader = StepReader(step_path)
+        if self._reader.world_size != world_size:
+            self._reader.close()
+            raise CorruptCheckpointError(
+                f"{step_path} was written by {self._reader.world_size} ranks, this job has "
+                f"{world_size}; resharding to another world size is not supported yet")
+        self.rank = rank
+        self.meta = dict(self._reader.meta(rank))
+        self.meta["state"] = self._reader.state_skeleton(rank)
+        # The table is the source of truth on disk (pieces in payload order).
+        self.meta["tensors"] = [
+            {"name": p.name, "dtype": p.dtype, "shape": list(p.shape),
+             "global_shape": list(p.global_shape), "offsets": list(p.offsets),
+             "nbytes": p.raw_bytes}
+            for p in self._reader.tensors() if p.rank == rank]
+        self.step = int(self.meta["step"])
+        self._buffers: list[torch.Tensor] = []
+
+    def verify(self) -> None:
+        buffers = []
+        for entry in self.meta["tensors"]:
+            buf = torch.empty(int(entry["nbytes"]), dtype=torch.uint8)
+            if buf.numel():
+                self._reader.read_tensor_into(entry["name"], self.rank, buf.numpy())
+            buffers.append(buf)
+        self._buffers = buffers
+
+    def tensor_addr(self, i: int) -> int:
+        return self._buffers[i].data_ptr()
+
+    def tensor_bytes(self, i: int) -> torch.Tensor:
+        return self._buffers[i]
+
+    def close(self) -> None:
+        self._buffers = []
+        self._reader.close()

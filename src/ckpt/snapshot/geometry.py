@@ -1,0 +1,79 @@
+"""Where each state tensor's local piece sits in its global tensor.
+
+A rank snapshots only what it holds. For a plain tensor (a single process, or a
+DDP replica) that is the whole tensor at offsets 0. For a DTensor (FSDP2
+``fully_shard``, tensor parallel) it is the local shard: its shape, the global
+shape, and the offsets of the shard in the global tensor, as DCP records them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ckpt.errors import UnsupportedStateError
+
+try:  # torch.distributed may be built without DTensor support
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+except ImportError:  # pragma: no cover - every supported torch has them
+    DTensor = None  # type: ignore[assignment,misc]
+    compute_local_shape_and_global_offset = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class TensorGeometry:
+    """One tensor piece: ``local`` is the live tensor whose bytes this rank stores."""
+
+    name: str
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.local.dtype).removeprefix("torch.")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.local.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.local.numel() * self.local.element_size()
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
+    """The local piece of ``tensor``, its global shape and this rank's offsets.
+
+    DTensor: the local shard (a view of the live storage, not a copy) at the
+    offsets torch computes for this rank's mesh coordinate; replicated
+    placements give offsets 0 on every rank. Other tensors: themselves at 0.
+    """
+    if is_dtensor(tensor):
+        local = tensor.to_local()
+        global_shape = tuple(int(s) for s in tensor.shape)
+        local_shape, offsets = compute_local_shape_and_global_offset(
+            tensor.shape, tensor.device_mesh, tensor.placements)
+        if tuple(local.shape) != tuple(local_shape):
+            raise UnsupportedStateError(
+                f"tensor {name!r}: the local shard has shape {tuple(local.shape)} but its "
+                f"placements {tensor.placements} on mesh {tensor.device_mesh} give "
+                f"{tuple(local_shape)}; ckpt stores only evenly described shards (padded or "
+                f"strided shards are not supported yet)")
+        # A rank that holds nothing of a dim-0 shard gets offsets == global size; keep them.
+        return TensorGeometry(name, local, global_shape, tuple(int(o) for o in offsets))
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+    shape = tuple(int(s) for s in tensor.shape)
+    return TensorGeometry(name, tensor, shape, (0,) * len(shape))
+
+
+def geometries(tensors: list[tuple[str, torch.Tensor]]) -> list[TensorGeometry]:
+    """``geometry_of`` for each ``(name, tensor)`` in order."""
+    return [geometry_of(name, t) for name, t in tensors]

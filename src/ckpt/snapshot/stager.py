@@ -1,0 +1,219 @@
+"""Stage one snapshot into a slot of a shared-memory segment (INTERNALS §2-3).
+
+``SlotStager.begin`` runs on the training thread and returns at once: it takes
+the write lock of the slot that is not committed (or reports the snapshot as
+skipped when a reader holds it), writes header and meta, and starts the copies
+(CPU tensors: ``CopyEngine`` with the crc fused in; CUDA tensors: a D2H copy on a
+side stream into the page-locked segment). ``SlotStager.finish`` runs on the
+committer thread: it waits for the copies, computes the crcs of GPU-copied
+chunks, writes nothing but the seal, and unlocks. Neither runs a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpt.errors import CkptError, ConfigError, SegmentError
+from ckpt.snapshot.geometry import TensorGeometry
+from ckpt.snapshot.layout import PayloadLayout, TensorSpec, payload_crc, plan_layout, \
+    write_header_and_meta
+
+
+class SlotTooSmallError(SegmentError):
+    """The payload does not fit in the segment's slots (register a bigger segment)."""
+
+
+@dataclass(frozen=True)
+class CopyRun:
+    """Consecutive tensors on one device kind: copied by one engine call."""
+
+    device: str  # "cpu" or "cuda:<i>"
+    first: int  # index of its first tensor in the layout
+    end: int
+    first_chunk: int
+
+
+@dataclass(frozen=True)
+class SnapshotPlan:
+    """The layout of a payload for one tensor signature; cached across steps."""
+
+    signature: tuple
+    layout: PayloadLayout
+    runs: tuple[CopyRun, ...]
+
+
+def signature_of(geoms: list[TensorGeometry]) -> tuple:
+    return tuple((g.name, g.local.dtype, g.shape, g.global_shape, g.offsets, str(g.local.device))
+                 for g in geoms)
+
+
+def plan_snapshot(geoms: list[TensorGeometry], chunk_bytes: int) -> SnapshotPlan:
+    specs = [TensorSpec(g.name, g.dtype_name, g.shape, g.global_shape, g.offsets, g.nbytes)
+             for g in geoms]
+    layout = plan_layout(specs, chunk_bytes)
+    runs: list[CopyRun] = []
+    for i, (g, p) in enumerate(zip(geoms, layout.tensors)):
+        device = "cpu" if g.local.device.type == "cpu" else str(g.local.device)
+        if g.local.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"tensor {g.name!r} is on {g.local.device}; ckpt snapshots CPU and "
+                              f"CUDA tensors")
+        if runs and runs[-1].device == device:
+            runs[-1] = CopyRun(device, runs[-1].first, i + 1, runs[-1].first_chunk)
+        else:
+            runs.append(CopyRun(device, i, i + 1, p.first_chunk))
+    return SnapshotPlan(signature_of(geoms), layout, tuple(runs))
+
+
+@dataclass
+class PendingSnapshot:
+    """A snapshot whose copy is running; owned by the stager until finished."""
+
+    step: int
+    slot: int
+    plan: SnapshotPlan
+    meta_bytes: int
+    sources: list[torch.Tensor]  # kept alive until the copy is done
+    cpu_tickets: list[Any] = field(default_factory=list)
+    cuda_tickets: list[Any] = field(default_factory=list)
+    gpu_runs: list[CopyRun] = field(default_factory=list)
+    started_s: float = field(default_factory=time.perf_counter)
+    copy_done_s: float | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.plan.layout.payload_bytes(self.meta_bytes)
+
+    def copy_done(self) -> bool:
+        return all(t.done() for t in self.cpu_tickets) and all(t.done() for t in self.cuda_tickets)
+
+    def wait_copy(self, timeout_s: float) -> None:
+        """Host-wait for every copy; raises CkptError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        for t in [*self.cpu_tickets, *self.cuda_tickets]:
+            if not t.wait(max(0.0, deadline - time.monotonic())):
+                raise CkptError(f"the copy of step {self.step} did not finish within "
+                                f"{timeout_s:.0f} s (slot {self.slot}); the machine may be "
+                                f"overloaded, or raise wait_timeout_s")
+        if self.copy_done_s is None:
+            self.copy_done_s = time.perf_counter()
+
+    def make_stream_wait(self, stream: int) -> None:
+        """The given CUDA stream waits for the D2H copies; the host does not."""
+        for t in self.cuda_tickets:
+            t.make_stream_wait(stream)
+
+
+class SlotStager:
+    """Writes snapshots into ``segment``'s slots. One writer thread calls ``begin``;
+    one committer thread calls ``finish``/``abandon`` on what it returned."""
+
+    def __init__(self, segment: Any, engine: Any, pid: int | None = None) -> None:
+        self.segment = segment
+        self.engine = engine
+        self.pid = os.getpid() if pid is None else pid
+        self._cuda: dict[int, tuple[Any, torch.cuda.Stream]] = {}
+        self._registered = False
+
+    def _cuda_copier(self, device: torch.device) -> tuple[Any, "torch.cuda.Stream"]:
+        from ckpt import _C_cuda
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not self._registered:
+            # Page-lock the mapping once, so D2H copies are DMA at full speed.
+            _C_cuda.host_register(self.segment.slot_address(0) - 4096, self.segment.size_bytes)
+            self._registered = True
+        if index not in self._cuda:
+            self._cuda[index] = (_C_cuda.CudaCopier(index), torch.cuda.Stream(device=index))
+        return self._cuda[index]
+
+    def close(self) -> None:
+        if self._registered:
+            from ckpt import _C_cuda
+
+            _C_cuda.host_unregister(self.segment.slot_address(0) - 4096)
+            self._registered = False
+
+    def target_slot(self) -> int:
+        committed = self.segment.committed()
+        return 0 if committed is None else 1 - committed[0]
+
+    def begin(self, step: int, plan: SnapshotPlan, sources: list[torch.Tensor],
+              meta: dict[str, Any]) -> PendingSnapshot | None:
+        """Start the snapshot of ``step``; None when the slot is held by a reader (skipped).
+
+        ``sources[i]`` is the tensor whose bytes go to ``plan.layout.tensors[i]``
+        (contiguous; it and everything in it must not change until the copy is done).
+        Raises SlotTooSmallError when the payload does not fit a slot.
+        """
+        slot = self.target_slot()
+        if not self.segment.try_lock(slot, self.pid, "write"):
+            return None
+        try:
+            self.segment.mark_writing(slot)
+            view = self.segment.slot_view(slot)
+            try:
+                meta_bytes = write_header_and_meta(view, plan.layout, meta)
+            except ConfigError as exc:
+                raise SlotTooSmallError(str(exc)) from None
+            pending = PendingSnapshot(step, slot, plan, meta_bytes, sources)
+            self._start_copies(pending)
+            return pending
+        except BaseException:
+            self.segment.unlock(slot, self.pid)
+            raise
+
+    def _start_copies(self, pending: PendingSnapshot) -> None:
+        layout = pending.plan.layout
+        base = self.segment.slot_address(pending.slot)
+        data_base = base + layout.data_offset(pending.meta_bytes)
+        crc_base = base + layout.crc_offset(pending.meta_bytes)
+        for run in pending.plan.runs:
+            jobs = [(pending.sources[i].data_ptr(), data_base + layout.tensors[i].data_offset,
+                     layout.tensors[i].spec.nbytes)
+                    for i in range(run.first, run.end) if layout.tensors[i].spec.nbytes]
+            if not jobs:
+                continue
+            if run.device == "cpu":
+                pending.cpu_tickets.append(self.engine.submit(
+                    jobs, layout.chunk_bytes, crc_base + 4 * run.first_chunk))
+            else:
+                device = torch.device(run.device)
+                copier, side = self._cuda_copier(device)
+                wait_stream = torch.cuda.current_stream(device).cuda_stream
+                pending.cuda_tickets.append(copier.d2h(jobs, side.cuda_stream, wait_stream))
+                pending.gpu_runs.append(run)
+
+    def finish(self, pending: PendingSnapshot, timeout_s: float) -> int:
+        """Wait for the copies, checksum GPU-copied chunks, seal and unlock. Returns the seq."""
+        try:
+            pending.wait_copy(timeout_s)
+            layout = pending.plan.layout
+            base = self.segment.slot_address(pending.slot)
+            data_base = base + layout.data_offset(pending.meta_bytes)
+            crc_base = base + layout.crc_offset(pending.meta_bytes)
+            for run in pending.gpu_runs:
+                jobs = [(data_base + layout.tensors[i].data_offset, layout.tensors[i].spec.nbytes)
+                        for i in range(run.first, run.end) if layout.tensors[i].spec.nbytes]
+                ticket = self.engine.crc_chunks(jobs, layout.chunk_bytes,
+                                                crc_base + 4 * run.first_chunk)
+                if not ticket.wait(timeout_s):
+                    raise CkptError(f"checksumming step {pending.step} took over {timeout_s} s")
+            pending.sources = []
+            view = self.segment.slot_view(pending.slot)
+            crc = payload_crc(view, layout)
+            return self.segment.seal(pending.slot, pending.step, pending.payload_bytes, crc)
+        finally:
+            self.segment.unlock(pending.slot, self.pid)
+
+    def abandon(self, pending: PendingSnapshot, timeout_s: float) -> None:
+        """Give up a snapshot (the slot stays WRITING, i.e. invalid) after its copy stops."""
+        try:
+            pending.wait_copy(timeout_s)
+        finally:
+            pending.sources = []
+            self.segment.unlock(pending.slot, self.pid)
