@@ -50,12 +50,33 @@ def _die() -> None:
     time.sleep(10)  # never reached: SIGKILL cannot be caught
 
 
+def _init_process_group() -> None:
+    """gloo under torchrun, with a store namespace per restart.
+
+    After an elastic restart, torch 2.13's agent store still holds the previous
+    attempt's gloo addresses and the new workers try to connect to dead ports
+    ("connectFullMesh failed ... Connection refused"); a prefix per restart count
+    gives every attempt a clean namespace.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(seconds=120))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                            rank=rank, world_size=world, timeout=timedelta(seconds=120))
+
+
 def _setup_parallel(model, parallel: str):
     import torch.distributed as dist
 
     if parallel == "none" or "WORLD_SIZE" not in os.environ:
         return model, 0, 1
-    dist.init_process_group("gloo")
+    _init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -72,7 +93,12 @@ def _setup_parallel(model, parallel: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import torch
+
+    logging.basicConfig(level=os.environ.get("CKPT_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     torch.set_num_threads(args.threads)
     from ckpt.cli.demo_model import (

@@ -14,7 +14,8 @@ Contract: ``submit`` never blocks; the returned Future resolves to a PersistOutc
 from __future__ import annotations
 
 import collections
-import contextlib
+import ctypes
+import mmap
 import logging
 import queue
 import re
@@ -87,6 +88,10 @@ class SlotPersister:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failures: collections.deque = collections.deque(maxlen=20)
+        self._buffers: dict[tuple[str, int], "mmap.mmap"] = {}  # (job, rank) -> staging buffer
+        from ckpt import _C
+
+        self._engine = _C.CopyEngine(1)
         self._thread = threading.Thread(target=self._run, name="ckpt-persister", daemon=True)
         self._thread.start()
 
@@ -139,6 +144,7 @@ class SlotPersister:
                 item[1].set_result(PersistOutcome(item[0].step, False, "daemon stopping"))
 
     def _persist(self, task: PersistTask) -> PersistOutcome:
+        self._drop_unused_buffers()
         entries: list[SegmentEntry] = []
         try:
             found = [self._registry.find_step(task.job, r, task.step) for r in task.ranks]
@@ -153,19 +159,15 @@ class SlotPersister:
                                              f"with persist_dir to persist")
         t0 = time.monotonic()
         try:
-            with contextlib.ExitStack() as stack:
-                payloads = {}
-                for entry, slot, info in found:
-                    stack.enter_context(self._registry.read_pinned(entry, slot, task.step,
-                                                                   info["seq"]))
-                    view = entry.segment.slot_view(slot)
-                    payloads[entry.rank] = (view[:info["payload_bytes"]], info["payload_crc"])
-                try:
-                    write_step(config.persist_dir, task.step, config.world_size, payloads,
-                               config.keep)
-                finally:
-                    for v, _ in payloads.values():
-                        v.release()
+            payloads = {}
+            for entry, slot, info in found:
+                # Pin the slot only for a memcpy into a private buffer: the trainer can
+                # write both slots again while compression and disk writes run.
+                with self._registry.read_pinned(entry, slot, task.step, info["seq"]):
+                    view = self._stage(task.job, entry.rank, entry.segment.slot_address(slot),
+                                       info["payload_bytes"])
+                payloads[entry.rank] = (view, info["payload_crc"])
+            write_step(config.persist_dir, task.step, config.world_size, payloads, config.keep)
         except Exception as e:  # noqa: BLE001 - full disk, bad dir, overwritten slot
             return self._fail(task, entries, f"persist of job {task.job!r} step {task.step} "
                                              f"to {config.persist_dir} failed: "
@@ -176,6 +178,27 @@ class SlotPersister:
         log.info("persisted job %s step %d ranks %s in %.3f s", task.job, task.step,
                  list(task.ranks), time.monotonic() - t0)
         return PersistOutcome(task.step, True, "")
+
+    def _stage(self, job: str, rank: int, addr: int, nbytes: int) -> memoryview:
+        """Copy ``nbytes`` at ``addr`` into this rank's reusable private buffer (native, GIL
+        released); the buffer is kept, so its pages are faulted once, not per persist."""
+        buf = self._buffers.get((job, rank))
+        if buf is None or len(buf) < nbytes:
+            if buf is not None:
+                buf.close()
+            buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._buffers[(job, rank)] = buf
+        view = memoryview(buf)[:nbytes]
+        if nbytes:
+            dst = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            self._engine.submit([(addr, dst, nbytes)], 64 << 20, 0).wait(None)
+        return view
+
+    def _drop_unused_buffers(self) -> None:
+        """Free the staging buffers of segments the daemon no longer holds (released jobs)."""
+        held = {(e.job, e.rank) for e in self._registry.entries()}
+        for key in [k for k in self._buffers if k not in held]:
+            self._buffers.pop(key).close()
 
     def _fail(self, task: PersistTask, entries: list[SegmentEntry], message: str
               ) -> PersistOutcome:

@@ -112,11 +112,16 @@ class MemorySource:
         self._seg = _C.Segment.open(candidate.segment_name)
         self._locked = False
         try:
-            if not self._seg.try_lock(candidate.slot, os.getpid(), "read"):
-                if not (break_dead_lock(self._seg, candidate.slot)
-                        and self._seg.try_lock(candidate.slot, os.getpid(), "read")):
-                    raise SlotBusyError(f"{self.where} is locked by {self._seg.lock_owner(candidate.slot)}")
-            self._locked = True
+            self._locked = self._seg.try_lock(candidate.slot, os.getpid(), "read") or (
+                break_dead_lock(self._seg, candidate.slot)
+                and self._seg.try_lock(candidate.slot, os.getpid(), "read"))
+            if not self._locked:
+                owner = self._seg.lock_owner(candidate.slot)
+                # Another reader (the daemon persisting this very slot) excludes writers
+                # just as our lock would, and the only writer of (job, rank) is this
+                # restoring trainer: reading alongside it is safe.
+                if owner is not None and owner[0] != "read":
+                    raise SlotBusyError(f"{self.where} is locked by {owner}")
             info = self._seg.slot_info(candidate.slot)
             if info["state"] != "SEALED" or info["seq"] != candidate.seq:
                 raise CorruptCheckpointError(f"{self.where} was rewritten (seq {info['seq']}, "

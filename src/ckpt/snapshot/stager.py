@@ -142,6 +142,23 @@ class SlotStager:
         committed = self.segment.committed()
         return 0 if committed is None else 1 - committed[0]
 
+    def _lock_a_slot(self) -> int | None:
+        """Write-lock the slot to write into; None when both are held by readers.
+
+        Normally the slot that is not committed. When a reader (the daemon persisting
+        it, a Fetch) holds that one, the committed slot is overwritten instead: the
+        read-locked slot is SEALED, so a valid snapshot exists at every instant, and
+        no snapshot is skipped because a persist is running.
+        """
+        first = self.target_slot()
+        for slot in (first, 1 - first):
+            if self.segment.try_lock(slot, self.pid, "write"):
+                if slot != first and self.segment.slot_info(first)["state"] != "SEALED":
+                    self.segment.unlock(slot, self.pid)  # would leave no valid slot
+                    return None
+                return slot
+        return None
+
     def begin(self, step: int, plan: SnapshotPlan, sources: list[torch.Tensor],
               meta: dict[str, Any]) -> PendingSnapshot | None:
         """Start the snapshot of ``step``; None when the slot is held by a reader (skipped).
@@ -150,8 +167,8 @@ class SlotStager:
         (contiguous; it and everything in it must not change until the copy is done).
         Raises SlotTooSmallError when the payload does not fit a slot.
         """
-        slot = self.target_slot()
-        if not self.segment.try_lock(slot, self.pid, "write"):
+        slot = self._lock_a_slot()
+        if slot is None:
             return None
         try:
             self.segment.mark_writing(slot)
