@@ -57,7 +57,7 @@ def persisted(tmp_path_factory):
     run_worker(args)
     with DaemonClient(str(run_dir / "daemon.sock"), timeout_s=30) as client:
         client.release(run_dir.name)
-        pid = client.status().daemon_pid
+        pid = client.status().pid
     os.kill(pid, 9)
     steps = [s.step for s in list_steps(run_dir / "checkpoints") if s.complete]
     assert steps[-2:] == [15, STEPS - 1], steps

@@ -81,7 +81,7 @@ def _stop_daemon(socket_path: Path) -> None:
         from ckpt.control.client import DaemonClient
 
         with DaemonClient(str(socket_path), timeout_s=5) as client:
-            pid = client.status().daemon_pid
+            pid = client.status().pid
         os.kill(pid, signal.SIGTERM)
     except Exception:  # the demo is over; a daemon that is already gone is fine
         pass

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         cp = Checkpointer(
             model, optimizer, scheduler=scheduler, dir=args.dir, every=args.every,
             persist_every=args.persist_every, extra={"data": data}, daemon_socket=args.socket,
-            job=args.job, keep=args.keep,
+            job=args.job, keep=args.keep, daemon_retry_s=args.daemon_retry_s,
         )
         start = cp.restore()
     _emit({"event": "restored", "start": start, "rank": rank, "attempt": attempt})
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persist-every", type=int, default=10)
     p.add_argument("--socket", default=None, help="daemon socket (default: the node's)")
     p.add_argument("--keep", type=int, default=3, help="complete steps kept on disk (0: all)")
+    p.add_argument("--daemon-retry-s", type=float, default=5.0,
+                   help="after a daemon failure, retry (and restart) it this often")
     p.add_argument("--job", default=None, help="job id (default: derived from --dir)")
     p.add_argument("--kill", default="", help="fault plan ATTEMPT:STEP:PHASE[:RANK],...")
     p.add_argument("--d-model", type=int, default=64)

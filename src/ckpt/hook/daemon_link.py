@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,13 @@ class DaemonLink:
 
     # -- connection -------------------------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, force: bool = False) -> Any:
+        """The client; a failed daemon is retried after ``daemon_retry_s`` (at once if
+        ``force``), and started again when ``start_daemon`` allows."""
         if self._client is not None:
             return self._client
-        if self._down_since is not None and time.monotonic() - self._down_since < self.cfg.daemon_retry_s:
+        if not force and self._down_since is not None \
+                and time.monotonic() - self._down_since < self.cfg.daemon_retry_s:
             raise DaemonUnavailableError("the ckpt daemon was unreachable moments ago")
         try:
             if self.cfg.start_daemon:
@@ -77,7 +79,7 @@ class DaemonLink:
             self._mark_down(exc)
             raise
         if self._down_since is not None:
-            log.warning("ckpt daemon is back; snapshots reach it again")
+            log.info("ckpt daemon is back; snapshots reach it again")
         self._down_since = None
         self._ever_connected = True
         return self._client
@@ -89,11 +91,12 @@ class DaemonLink:
             self._client.close()
             self._client = None
         if not self._warned and (self.cfg.start_daemon or self._ever_connected):
-            self._warned = True
-            warnings.warn(f"ckpt: the snapshot daemon is unavailable ({exc}); training goes on "
-                          f"and snapshots stay in shared memory; retrying every "
-                          f"{self.cfg.daemon_retry_s:.0f} s", RuntimeWarning, stacklevel=3)
-        log.warning("ckpt daemon call failed: %s", exc)
+            self._warned = True  # once per Checkpointer: a flapping daemon must not flood logs
+            log.warning("ckpt: the snapshot daemon is unavailable (%s); training goes on and "
+                        "snapshots stay in shared memory; retrying every %g s", exc,
+                        self.cfg.daemon_retry_s)
+        else:
+            log.debug("ckpt daemon call failed: %s", exc)
 
     @property
     def connected(self) -> bool:
@@ -152,7 +155,7 @@ class DaemonLink:
         """Ask the daemon to persist this rank's ``step`` and wait; (done, error text)."""
         with self._lock:
             try:
-                client = self._connect()
+                client = self._connect(force=True)  # the final persist is worth a retry
                 out = client.persist(self.cfg.job, rank=self.rank, step=step, wait=True,
                                      timeout_s=timeout_s)
             except CkptError as exc:

@@ -95,9 +95,16 @@ def _disk_steps(directory: Path) -> dict[int, Path]:
     from ckpt.storage.fs import list_steps
 
     try:
-        return {s.step: s.path for s in list_steps(directory) if s.complete}
+        infos = list_steps(directory)
     except FileNotFoundError:
         return {}
+    complete = {s.step: s.path for s in infos if s.complete}
+    newest = max(complete, default=-1)
+    for s in infos:
+        if not s.complete and s.step > newest:
+            log.warning("ckpt: skipping %s: it has no valid manifest.json (a persist that was "
+                        "interrupted, or damage); `ckpt verify %s` tells more", s.path, s.path)
+    return complete
 
 
 class _Loader:
