@@ -36,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+JOB = f"bench-{os.getpid()}"  # a fresh job: never restore what an earlier run left in /dev/shm
 sys.path.insert(0, str(ROOT / "src"))
 
 import ckpt  # noqa: E402
@@ -121,7 +122,7 @@ def run_none(model, optimizer, x, y, steps: int) -> dict:
 def run_ckpt(model, optimizer, x, y, steps: int, workdir: Path) -> tuple[dict, "ckpt.Checkpointer"]:
     timer = PreHookTimer(optimizer)
     cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1, persist_every=0,
-                           daemon_socket=workdir / "daemon.sock", job="bench")
+                           daemon_socket=workdir / "daemon.sock", job=JOB)
     timer.arm_end(optimizer)
     cp.restore()
     for s in range(2):  # warm-up: registers the segment, maps and faults its pages
@@ -221,7 +222,7 @@ def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int) -> d
     out["persist_gbps"] = state_bytes / out["persist_s"] / 1e9
 
     cp2 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
-                            daemon_socket=workdir / "daemon.sock", job="bench")
+                            daemon_socket=workdir / "daemon.sock", job=JOB)
     t0 = time.perf_counter()
     cp2.restore()
     out["restore_memory_s"] = time.perf_counter() - t0
@@ -231,10 +232,10 @@ def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int) -> d
     from ckpt.control.client import DaemonClient
 
     with DaemonClient(str(workdir / "daemon.sock"), timeout_s=60) as client:
-        client.release("bench")  # forget the memory tier: the next restore must read the disk
+        client.release(JOB)  # forget the memory tier: the next restore must read the disk
     out["page_cache_dropped"] = drop_page_cache()
     cp3 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
-                            daemon_socket=workdir / "daemon.sock", job="bench")
+                            daemon_socket=workdir / "daemon.sock", job=JOB)
     t0 = time.perf_counter()
     cp3.restore()
     out["restore_disk_s"] = time.perf_counter() - t0
@@ -328,9 +329,21 @@ def main() -> int:
         "restore_memory_vs_dcp_load": restore["dcp_load_s"] / restore["restore_memory_s"],
     }
     print(json.dumps(record))
+    stop_daemon(workdir)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def stop_daemon(workdir: Path) -> None:
+    """Stop the daemon this run started (its segments were released above)."""
+    from ckpt.control.client import DaemonClient
+
+    try:
+        with DaemonClient(str(workdir / "daemon.sock"), timeout_s=10) as client:
+            os.kill(client.status().pid, 15)
+    except Exception as exc:  # already gone: nothing to stop
+        print(f"(daemon not stopped: {exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

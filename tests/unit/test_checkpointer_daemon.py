@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import logging
 import time
-import warnings
 
 import torch
 
@@ -28,7 +28,7 @@ def _train(model, opt, cp, steps):
         cp.step(s)
 
 
-def test_training_survives_daemon_death_and_close_persists(tmp_path):
+def test_training_survives_daemon_death_and_close_persists(tmp_path, caplog):
     job = f"dmn{os.getpid()}-{time.monotonic_ns() % 10**9}"
     sock = tmp_path / "daemon.sock"
     model = _model()
@@ -42,11 +42,10 @@ def test_training_survives_daemon_death_and_close_persists(tmp_path):
         _train(model, opt, cp, range(3))
         assert cp.wait(30) and cp.stats.daemon_errors == 0
         os.kill(daemon_pid, signal.SIGKILL)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with caplog.at_level(logging.WARNING, logger="ckpt"):
             _train(model, opt, cp, range(3, 6))  # keeps training, sealing into shm
             assert cp.wait(30)
-        assert sum("daemon is unavailable" in str(w.message) for w in caught) == 1
+        assert sum("daemon is unavailable" in r.getMessage() for r in caplog.records) == 1
         assert cp.stats.snapshots_taken == 6 and cp.stats.last_committed_step == 5
         cp.close()  # the daemon may be back (ensure_daemon) or not: step 5 is on disk either way
         assert [s.step for s in list_steps(tmp_path / "ckpt") if s.complete] == [5]

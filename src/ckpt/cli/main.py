@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ckpt.errors import CkptError
 
@@ -127,25 +127,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckpt.format.verify import verify
+    from ckpt.progress import byte_progress
 
     path = _resolve_step(args.path)
-    bar = None
-    progress: Callable[[int, int], None] | None = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=0, unit="B", unit_scale=True, desc=f"verify {path.name}",
-                   file=sys.stderr, disable=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-    try:
+    with byte_progress(f"verify {path.name}", enabled=not args.quiet) as progress:
         report = verify(path, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     for d in report.damage:
         print(f"DAMAGED {d.file} tensor {d.tensor!r} chunk {d.chunk_index}: {d.message}",
               file=sys.stderr)

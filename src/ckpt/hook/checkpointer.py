@@ -319,6 +319,7 @@ class Checkpointer:
 
     def _persist_in_process(self, step: int) -> None:
         from ckpt import format as fmt
+        from ckpt.progress import byte_progress
 
         seg = self._segment
         committed = seg.committed() if seg is not None else None
@@ -331,15 +332,17 @@ class Checkpointer:
         try:
             info = seg.slot_info(slot)
             view = seg.slot_view(slot)[:info["payload_bytes"]]
-            if self.world_size == 1:
-                fmt.persist_payloads(self.config.dir, step, 1, {0: view},
-                                     keep=self.config.keep or None)
-            else:
-                from ckpt.storage.fs import FsStorage
+            with byte_progress(f"persist step {step}") as progress:
+                if self.world_size == 1:
+                    fmt.persist_payloads(self.config.dir, step, 1, {0: view},
+                                         keep=self.config.keep or None, progress=progress)
+                else:
+                    from ckpt.storage.fs import FsStorage
 
-                staging = FsStorage(self.config.dir).begin_step(step)
-                fmt.write_rank(staging, self.rank, self.world_size, view,
-                               expected_crc=info["payload_crc"])
-                fmt.finish_if_complete(staging, self.world_size, keep=self.config.keep or None)
+                    staging = FsStorage(self.config.dir).begin_step(step)
+                    fmt.write_rank(staging, self.rank, self.world_size, view,
+                                   expected_crc=info["payload_crc"], progress=progress)
+                    fmt.finish_if_complete(staging, self.world_size,
+                                           keep=self.config.keep or None)
         finally:
             seg.unlock(slot, os.getpid())

@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ckpt.config import CheckpointerConfig
