@@ -189,7 +189,7 @@ PYBIND11_MODULE(_C, m) {
             auto j = parse_jobs(jobs, "CopyEngine.submit", 3);
             uint64_t cb = as_u64(chunk_bytes, "CopyEngine.submit", "chunk_bytes");
             uint64_t out = as_u64(crc_out_addr, "CopyEngine.submit", "crc_out_addr");
-            return h.get("submit").submit(j, cb, out, /*copy=*/true);
+            return h.get("submit").submit(j, cb, out, BatchMode::kCopy);
           },
           py::arg("jobs"), py::arg("chunk_bytes"), py::arg("crc_out_addr"),
           "Copy [(src, dst, nbytes)], storing crc32c of each chunk at crc_out_addr + 4*k "
@@ -201,10 +201,26 @@ PYBIND11_MODULE(_C, m) {
             uint64_t cb = as_u64(chunk_bytes, "CopyEngine.crc_chunks", "chunk_bytes");
             uint64_t out = as_u64(crc_out_addr, "CopyEngine.crc_chunks", "crc_out_addr");
             if (out == 0) fail("CopyEngine.crc_chunks: crc_out_addr must not be 0 (where would the crcs go?)");
-            return h.get("crc_chunks").submit(j, cb, out, /*copy=*/false);
+            return h.get("crc_chunks").submit(j, cb, out, BatchMode::kCrcOnly);
           },
           py::arg("jobs"), py::arg("chunk_bytes"), py::arg("crc_out_addr"),
           "crc32c of each chunk of [(addr, nbytes)] (same chunking as submit), no copy.")
+      .def(
+          "verified_copy",
+          [](EngineHandle& h, py::handle jobs, py::handle chunk_bytes, py::handle expected_crc_addr,
+             py::handle crc_out_addr) {
+            auto j = parse_jobs(jobs, "CopyEngine.verified_copy", 3);
+            uint64_t cb = as_u64(chunk_bytes, "CopyEngine.verified_copy", "chunk_bytes");
+            uint64_t exp = as_u64(expected_crc_addr, "CopyEngine.verified_copy", "expected_crc_addr");
+            uint64_t out = as_u64(crc_out_addr, "CopyEngine.verified_copy", "crc_out_addr");
+            if (exp == 0 || out == 0)
+              fail("CopyEngine.verified_copy: expected_crc_addr and crc_out_addr must not be 0");
+            return h.get("verified_copy").submit(j, cb, out, BatchMode::kVerifiedCopy, exp);
+          },
+          py::arg("jobs"), py::arg("chunk_bytes"), py::arg("expected_crc_addr"), py::arg("crc_out_addr"),
+          "Copy [(src, dst, nbytes)] chunk by chunk, each only after its source's crc32c equals "
+          "expected[k] (u32 LE at expected_crc_addr + 4*k): damaged bytes never reach dst. The "
+          "actual crc of every chunk goes to crc_out_addr + 4*k; compare to find the bad ones.")
       .def_property_readonly("threads", [](EngineHandle& h) { return h.get("threads").threads(); })
       .def(
           "close",
@@ -243,11 +259,13 @@ PYBIND11_MODULE(_C, m) {
           "Create (O_EXCL, mode 0600) and pre-fault a segment of 4096 + 2 * slot_bytes bytes.")
       .def_static(
           "open",
-          [](const std::string& name) {
+          [](const std::string& name, bool populate) {
             py::gil_scoped_release nogil;
-            return Segment::open(name);
+            return Segment::open(name, populate);
           },
-          py::arg("name"), "Map an existing segment; validates owner, mode, magic, version and size.")
+          py::arg("name"), py::arg("populate") = true,
+          "Map an existing segment; validates owner, mode, magic, version and size. populate: "
+          "pre-fault every page (for writers); a reader of one slot is faster without.")
       .def_static("unlink", &Segment::unlink, py::arg("name"), "Remove the name (a missing name is not an error).")
       .def_static("exists", &Segment::exists, py::arg("name"))
       .def_property_readonly("name", &Segment::name)

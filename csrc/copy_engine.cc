@@ -14,13 +14,27 @@ namespace {
 // combine cost nothing (1 MiB copies in ~100 us).
 constexpr uint64_t kPieceBytes = 1ull << 20;
 
-void run_piece(Piece& p, bool want_crc) {
-  if (p.dst == nullptr) {
-    p.crc = crc32c(p.src, p.nbytes, 0);
-  } else if (want_crc) {
-    p.crc = crc32c_copy(p.dst, p.src, p.nbytes, 0);
-  } else {
-    std::memcpy(p.dst, p.src, p.nbytes);
+void run_piece(Piece& p, const Batch& b) {
+  switch (b.mode) {
+    case BatchMode::kCrcOnly:
+      p.crc = crc32c(p.src, p.nbytes, 0);
+      return;
+    case BatchMode::kVerifiedCopy: {
+      // The whole chunk is one piece: crc it (it is then in L3), compare, copy from cache.
+      p.crc = crc32c(p.src, p.nbytes, 0);
+      const unsigned char* e = b.expected + 4 * p.chunk;
+      uint32_t want = static_cast<uint32_t>(e[0]) | static_cast<uint32_t>(e[1]) << 8 |
+                      static_cast<uint32_t>(e[2]) << 16 | static_cast<uint32_t>(e[3]) << 24;
+      if (p.crc == want) std::memcpy(p.dst, p.src, p.nbytes);
+      return;
+    }
+    case BatchMode::kCopy:
+      if (b.crc_out != nullptr) {
+        p.crc = crc32c_copy(p.dst, p.src, p.nbytes, 0);
+      } else {
+        std::memcpy(p.dst, p.src, p.nbytes);
+      }
+      return;
   }
 }
 
@@ -73,17 +87,24 @@ void CopyEngine::close() {
 }
 
 CopyTicket CopyEngine::submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes,
-                              uint64_t crc_out, bool copy) {
-  const char* call = copy ? "CopyEngine.submit" : "CopyEngine.crc_chunks";
+                              uint64_t crc_out, BatchMode mode, uint64_t expected_crc) {
+  const char* call = mode == BatchMode::kCopy      ? "CopyEngine.submit"
+                     : mode == BatchMode::kCrcOnly ? "CopyEngine.crc_chunks"
+                                                   : "CopyEngine.verified_copy";
   if (chunk_bytes == 0) throw NativeErrorCpp(std::string(call) + ": chunk_bytes must be > 0");
+  const bool copy = mode != BatchMode::kCrcOnly;
+  // A verified chunk is checked whole before any of it is copied: one piece per chunk.
+  const uint64_t piece_bytes = mode == BatchMode::kVerifiedCopy ? chunk_bytes : kPieceBytes;
   auto batch = std::make_shared<Batch>();
   batch->crc_out = reinterpret_cast<uint32_t*>(crc_out);
+  batch->mode = mode;
+  batch->expected = reinterpret_cast<const unsigned char*>(expected_crc);
   uint64_t chunk = 0;
   for (const CopyJob& j : jobs) {
     for (uint64_t off = 0; off < j.nbytes; off += chunk_bytes, chunk++) {
       uint64_t clen = j.nbytes - off < chunk_bytes ? j.nbytes - off : chunk_bytes;
-      for (uint64_t poff = 0; poff < clen; poff += kPieceBytes) {
-        uint64_t plen = clen - poff < kPieceBytes ? clen - poff : kPieceBytes;
+      for (uint64_t poff = 0; poff < clen; poff += piece_bytes) {
+        uint64_t plen = clen - poff < piece_bytes ? clen - poff : piece_bytes;
         Piece p;
         p.src = reinterpret_cast<const unsigned char*>(j.src + off + poff);
         p.dst = copy ? reinterpret_cast<unsigned char*>(j.dst + off + poff) : nullptr;
@@ -145,7 +166,7 @@ void CopyEngine::worker_loop() {
     }
     Piece& p = batch->pieces[index];
     try {
-      run_piece(p, batch->crc_out != nullptr);
+      run_piece(p, *batch);
     } catch (const std::exception& e) {
       std::lock_guard<std::mutex> lk(batch->mu);
       if (batch->error.empty()) batch->error = std::string("copy worker failed: ") + e.what();

@@ -30,11 +30,20 @@ struct Piece {
   uint32_t crc;
 };
 
+// What a batch does with each piece.
+enum class BatchMode {
+  kCopy,          // copy (and crc the bytes when crc_out is set)
+  kCrcOnly,       // crc only
+  kVerifiedCopy,  // crc the source chunk; copy it only if it equals the expected crc
+};
+
 // Shared state of one submit(); outlives the engine (tickets hold a shared_ptr).
 struct Batch {
   std::vector<Piece> pieces;
   uint64_t num_chunks = 0;
   uint32_t* crc_out = nullptr;  // nullptr: no crc
+  const unsigned char* expected = nullptr;  // kVerifiedCopy: expected crc32c per chunk (u32 LE)
+  BatchMode mode = BatchMode::kCopy;
   uint64_t bytes_total = 0;
   size_t next = 0;                       // guarded by the engine mutex
   std::atomic<size_t> finished{0};
@@ -64,9 +73,12 @@ class CopyEngine {
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;
 
-  // Validated jobs in; a ticket out. copy == false: crc only (dst ignored).
+  // Validated jobs in; a ticket out. kCrcOnly ignores dst. kVerifiedCopy needs
+  // expected_crc (the crc array the chunks were sealed with): a chunk whose source
+  // does not match is not copied, so damaged bytes never reach the destination;
+  // crc_out receives every chunk's actual crc for the caller to compare.
   CopyTicket submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes, uint64_t crc_out,
-                    bool copy);
+                    BatchMode mode, uint64_t expected_crc = 0);
   // Finishes the work already submitted, then stops the workers. Idempotent.
   void close();
   int threads() const { return threads_; }

@@ -117,7 +117,7 @@ Segment Segment::create(const std::string& name, uint64_t slot_bytes) {
   }
 }
 
-Segment Segment::open(const std::string& name) {
+Segment Segment::open(const std::string& name, bool populate) {
   const char* call = "Segment.open";
   check_name(call, name);
   std::string where = std::string(call) + "('" + name + "')";
@@ -141,7 +141,7 @@ Segment Segment::open(const std::string& name) {
   if (size < kSegHeaderBytes)
     throw NativeErrorCpp(where + ": segment is " + std::to_string(size) +
                          " bytes, smaller than its 4096-byte header: truncated or not a ckpt segment; unlink it");
-  auto map = map_fd(call, name, fd.fd, size, /*populate=*/true);
+  auto map = map_fd(call, name, fd.fd, size, populate);
   auto* h = static_cast<SegHeader*>(map->addr);
   if (std::memcmp(h->magic, kMagic, sizeof(kMagic)) != 0)
     throw NativeErrorCpp(where + ": bad magic (expected \"CKPTSEG1\"): not a ckpt segment, or one "

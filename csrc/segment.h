@@ -66,7 +66,8 @@ struct SlotInfo {
 class Segment {
  public:
   static Segment create(const std::string& name, uint64_t slot_bytes);
-  static Segment open(const std::string& name);
+  // populate: pre-fault the whole mapping (writers); readers of one slot pass false.
+  static Segment open(const std::string& name, bool populate = true);
   static void unlink(const std::string& name);
   static bool exists(const std::string& name);
 

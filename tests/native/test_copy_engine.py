@@ -140,3 +140,29 @@ def test_bad_arguments_raise_clear_native_errors() -> None:
         _C.num_chunks([1], 0)
     with pytest.raises(_C.NativeError, match="job_sizes"):
         _C.num_chunks([-1], 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_verified_copy_copies_only_chunks_whose_crc_matches(threads: int) -> None:
+    chunk = 64 << 10
+    src = _random(10 * chunk + 123)
+    expected = np.array(_expected_crcs([src], chunk), dtype=np.uint32)
+    src[3 * chunk + 7] ^= 0x10  # damage chunk 3 after its crc was recorded
+    src[10 * chunk + 100] ^= 0x01  # and the short last chunk
+    dst = np.full_like(src, 0xAA)
+    actual = np.zeros(len(expected), dtype=np.uint32)
+    with _C.CopyEngine(threads) as engine:
+        engine.verified_copy([(src.ctypes.data, dst.ctypes.data, src.nbytes)], chunk,
+                             expected.ctypes.data, actual.ctypes.data).wait(30)
+    assert np.nonzero(actual != expected)[0].tolist() == [3, 10]
+    assert (dst[3 * chunk:4 * chunk] == 0xAA).all() and (dst[10 * chunk:] == 0xAA).all()
+    good = np.ones(src.nbytes, dtype=bool)
+    good[3 * chunk:4 * chunk] = False
+    good[10 * chunk:] = False
+    assert np.array_equal(dst[good], src[good])
+
+
+def test_verified_copy_refuses_missing_crc_arrays() -> None:
+    a = np.zeros(16, dtype=np.uint8)
+    with _C.CopyEngine(1) as engine, pytest.raises(_C.NativeError, match="must not be 0"):
+        engine.verified_copy([(a.ctypes.data, a.ctypes.data, 16)], 4096, 0, 0)

@@ -17,6 +17,7 @@ Returns the step loaded, or None when no rank has any snapshot.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -143,32 +144,38 @@ class _Loader:
             raise LayoutMismatchError(f"{where}: the snapshot has tensors the model/optimizer "
                                       f"lacks: {extra[:5]}{'...' if len(extra) > 5 else ''}")
 
-    def load_tensors(self, source: Any) -> list[Any]:
+    def load_tensors(self, source: Any, engine: Any) -> list[Any]:
         """Copy every model/optim tensor into the live tensors; return the tensor list for
-        unflatten (live tensors, or fresh CPU tensors for rng/scheduler/extra)."""
-        cpu_jobs = []
-        out: list[Any] = []
-        for i, e in enumerate(source.meta["tensors"]):
+        unflatten (None for live tensors, fresh CPU tensors for rng/scheduler/extra).
+
+        Memory: one native pass verifies each chunk and copies it only if it matched.
+        Disk: ``source.verify()`` has already read and checked every chunk.
+        """
+        entries = source.meta["tensors"]
+        dsts: dict[int, int] = {}
+        for i, e in enumerate(entries):
             live = self.live.get(e["name"])
-            raw = source.tensor_bytes(i)
+            if live is not None and e["nbytes"] and live.local.device.type == "cpu" \
+                    and live.local.is_contiguous():
+                dsts[i] = live.local.data_ptr()
+        if source.tier == "memory":
+            source.load_verified(dsts)
+        elif dsts:
+            engine.submit([(source.tensor_addr(i), dst, int(entries[i]["nbytes"]))
+                           for i, dst in dsts.items()], 64 << 20, 0).wait(None)
+        out: list[Any] = []
+        for i, e in enumerate(entries):
+            live = self.live.get(e["name"])
             dtype = dtype_from_name(e["dtype"])
             if live is None:
-                t = raw.clone().view(dtype).reshape(e["shape"]) if raw.numel() else \
-                    torch.empty(e["shape"], dtype=dtype)
-                out.append(t)
+                raw = source.tensor_bytes(i)
+                out.append(raw.clone().view(dtype).reshape(e["shape"]) if raw.numel()
+                           else torch.empty(e["shape"], dtype=dtype))
                 continue
-            local = live.local
-            out.append(None)  # replaced below by the live (DTensor or plain) tensor
-            if not e["nbytes"]:
-                continue
-            if local.device.type == "cpu" and local.is_contiguous():
-                cpu_jobs.append((source.tensor_addr(i), local.data_ptr(), int(e["nbytes"])))
-            else:
+            out.append(None)  # replaced in apply() by the live (DTensor or plain) tensor
+            if e["nbytes"] and i not in dsts:  # CUDA or non-contiguous: bytes are verified
                 with torch.no_grad():
-                    local.copy_(raw.view(dtype).reshape(local.shape), non_blocking=False)
-        if cpu_jobs:
-            ticket = self.target.engine.submit(cpu_jobs, 64 << 20, 0)
-            ticket.wait(None)
+                    live.local.copy_(source.tensor_bytes(i).view(dtype).reshape(live.local.shape))
         return out
 
     def apply(self, source: Any, tensors: list[Any]) -> None:
@@ -194,19 +201,20 @@ class _Loader:
 
 
 def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
-                 target: RestoreTarget) -> tuple[Any, list[Any]] | None:
+                 target: RestoreTarget, engine: Any) -> tuple[Any, list[Any]] | None:
     """Load ``step`` from memory, else disk; returns (source, tensors) or None."""
     attempts: list[Any] = [("memory", c) for c in mem] + ([("disk", disk_path)] if disk_path else [])
     for tier, what in attempts:
         source = None
         try:
-            source = (MemorySource(what, target.engine) if tier == "memory"
+            source = (MemorySource(what, engine) if tier == "memory"
                       else DiskSource(what, target.rank, target.world_size))
             if source.step != step:
                 raise CkptError(f"{source.where} holds step {source.step}, expected {step}")
             loader.check(source.meta, source.where)
-            source.verify()  # before any byte reaches a live tensor
-            tensors = loader.load_tensors(source)
+            if tier == "disk":
+                source.verify()  # reads and checks every chunk before a byte reaches a tensor
+            tensors = loader.load_tensors(source, engine)
             log.info("ckpt: rank %d restored step %d from %s", target.rank, step, source.where)
             return source, tensors
         except LayoutMismatchError:
@@ -235,8 +243,18 @@ def restore(target: RestoreTarget) -> int | None:
     if not steps:
         return None
     loader = _Loader(target)
+    # Training is not running yet: restore copies and checksums with every core.
+    from ckpt import _C
+
+    with _C.CopyEngine(os.cpu_count() or 1) as engine:
+        return _restore_agreed(target, loader, steps, mem_by_step, disk, engine)
+
+
+def _restore_agreed(target: RestoreTarget, loader: _Loader, steps: list[int],
+                    mem_by_step: dict[int, list], disk: dict[int, Path], engine: Any) -> int:
     for step in steps:
-        loaded = _try_sources(loader, step, mem_by_step.get(step, []), disk.get(step), target)
+        loaded = _try_sources(loader, step, mem_by_step.get(step, []), disk.get(step), target,
+                              engine)
         ok = all_succeeded(loaded is not None, target.process_group)
         if not ok:
             if loaded is not None:

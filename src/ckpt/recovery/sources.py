@@ -77,7 +77,7 @@ def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
     out: list[MemoryCandidate] = []
     for _, name in segment_names(job, rank):
         try:
-            seg = _C.Segment.open(name)
+            seg = _C.Segment.open(name, populate=False)
         except Exception:  # damaged or foreign: the daemon reports those
             continue
         try:
@@ -109,7 +109,7 @@ class MemorySource:
         self.candidate = candidate
         self.engine = engine
         self.where = f"shared memory {shm_file(candidate.segment_name)} slot {candidate.slot}"
-        self._seg = _C.Segment.open(candidate.segment_name)
+        self._seg = _C.Segment.open(candidate.segment_name, populate=False)
         self._locked = False
         try:
             self._locked = self._seg.try_lock(candidate.slot, os.getpid(), "read") or (
@@ -135,16 +135,39 @@ class MemorySource:
             self.close()
             raise
         self.step = int(self.meta["step"])
+        self.verified = False
+
+    def load_verified(self, dst_addrs: dict[int, int]) -> None:
+        """Copy tensor ``i`` to ``dst_addrs[i]`` chunk by chunk, each chunk only after its
+        crc32c matched (native, all workers, one pass: the chunk is crc'd, then copied
+        from cache); checksum the other tensors in place. Raises CorruptChunkError naming
+        the first bad chunk; the chunks that were copied all matched."""
+        layout = self.layout
+        actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
+        expected = np.ascontiguousarray(self._crcs, dtype=np.uint32)
+        tickets = []
+        for i, p in enumerate(layout.tensors):
+            if not p.spec.nbytes:
+                continue
+            src = self._data_addr + p.data_offset
+            out = actual.ctypes.data + 4 * p.first_chunk
+            if i in dst_addrs:
+                tickets.append(self.engine.verified_copy(
+                    [(src, dst_addrs[i], p.spec.nbytes)], layout.chunk_bytes,
+                    expected.ctypes.data + 4 * p.first_chunk, out))
+            else:
+                tickets.append(self.engine.crc_chunks([(src, p.spec.nbytes)], layout.chunk_bytes, out))
+        for t in tickets:
+            t.wait(None)
+        self._raise_if_bad(actual)
+        self.verified = True
 
     def verify(self) -> None:
         """Checksum every chunk (native, GIL released) against the crc array."""
+        self.load_verified({})
+
+    def _raise_if_bad(self, actual: np.ndarray) -> None:
         layout = self.layout
-        jobs = [(self._data_addr + p.data_offset, p.spec.nbytes) for p in layout.tensors
-                if p.spec.nbytes]
-        actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
-        if layout.num_chunks:
-            ticket = self.engine.crc_chunks(jobs, layout.chunk_bytes, actual.ctypes.data)
-            ticket.wait(None)
         bad = np.nonzero(actual[:layout.num_chunks] != self._crcs)[0]
         if bad.size:
             k = int(bad[0])
