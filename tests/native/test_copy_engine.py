@@ -163,6 +163,6 @@ def test_verified_copy_copies_only_chunks_whose_crc_matches(threads: int) -> Non
 
 
 def test_verified_copy_refuses_missing_crc_arrays() -> None:
-    a = np.zeros(16, dtype=np.uint8)
+    a, b = np.zeros(16, dtype=np.uint8), np.zeros(16, dtype=np.uint8)
     with _C.CopyEngine(1) as engine, pytest.raises(_C.NativeError, match="must not be 0"):
-        engine.verified_copy([(a.ctypes.data, a.ctypes.data, 16)], 4096, 0, 0)
+        engine.verified_copy([(a.ctypes.data, b.ctypes.data, 16)], 4096, 0, 0)
