@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,40 +113,76 @@ class PreHookTimer:
             self._last.remove()
 
 
-def run_none(model, optimizer, x, y, steps: int) -> dict:
-    t0 = time.perf_counter()
+def run_none(model, optimizer, x, y, steps: int) -> list[float]:
+    """Per-step wall times of plain training."""
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step(model, optimizer, x, y)
-    return {"step_s": (time.perf_counter() - t0) / steps, "stall_s": 0.0}
+        times.append(time.perf_counter() - t0)
+    return times
 
 
-def run_ckpt(model, optimizer, x, y, steps: int, workdir: Path) -> tuple[dict, "ckpt.Checkpointer"]:
-    timer = PreHookTimer(optimizer)
-    cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1, persist_every=0,
-                           daemon_socket=workdir / "daemon.sock", job=JOB)
-    timer.arm_end(optimizer)
-    cp.restore()
-    for s in range(2):  # warm-up: registers the segment, maps and faults its pages
-        step(model, optimizer, x, y)
-        cp.step(s)
-    cp.wait(120)
-    timer.total_s = 0.0
-    call_s = 0.0
-    t0 = time.perf_counter()
-    for s in range(2, 2 + steps):
-        step(model, optimizer, x, y)
-        t1 = time.perf_counter()
-        cp.step(s)
-        call_s += time.perf_counter() - t1
-    # The last step's copy is still in flight: the next optimizer step would wait for it.
-    t1 = time.perf_counter()
-    cp.wait(120)
-    wall = time.perf_counter() - t0
-    wait_last = time.perf_counter() - t1
-    timer.remove()
-    stall = (call_s + timer.total_s + wait_last) / steps
-    return {"step_s": wall / steps, "stall_s": stall, "call_s": call_s / steps,
-            "prehook_wait_s": (timer.total_s + wait_last) / steps}, cp
+class CkptRun:
+    """ckpt.Checkpointer taking a snapshot of every step; per-step times and stalls.
+
+    The stall of a snapshot is what the training thread spends in ``cp.step()`` plus
+    what ckpt's optimizer pre-hook waits for the copy (timed by hooks registered just
+    before and after ckpt's own).
+    """
+
+    def __init__(self, model, optimizer, workdir: Path) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.timer = PreHookTimer(optimizer)
+        self.cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1,
+                                    persist_every=0, daemon_socket=workdir / "daemon.sock",
+                                    job=JOB)
+        self.timer.arm_end(optimizer)
+        self.cp.restore()
+        self.next_step = 0
+
+    def run(self, x, y, steps: int) -> tuple[list[float], list[float]]:
+        times, stalls = [], []
+        for _ in range(steps):
+            self.timer.total_s = 0.0
+            t0 = time.perf_counter()
+            step(self.model, self.optimizer, x, y)
+            t1 = time.perf_counter()
+            self.cp.step(self.next_step)
+            t2 = time.perf_counter()
+            self.next_step += 1
+            times.append(t2 - t0)
+            stalls.append((t2 - t1) + self.timer.total_s)
+        # The last copy is still in flight; the next optimizer step would wait for it.
+        t0 = time.perf_counter()
+        self.cp.wait(120)
+        times[-1] += time.perf_counter() - t0
+        stalls[-1] += time.perf_counter() - t0
+        return times, stalls
+
+    def remove_timer(self) -> None:
+        self.timer.remove()
+
+
+def interleaved(model, optimizer, x, y, workdir: Path, steps: int, rounds: int) -> tuple[dict, dict, "ckpt.Checkpointer"]:
+    """none and ckpt in alternating blocks, so machine drift hits both alike."""
+    run = CkptRun(model, optimizer, workdir)
+    run.run(x, y, 2)  # warm-up: registers the segment, maps it, first copies
+    none_t: list[float] = []
+    ckpt_t: list[float] = []
+    ckpt_stall: list[float] = []
+    for _ in range(rounds):
+        none_t += run_none(model, optimizer, x, y, steps)
+        t, st = run.run(x, y, steps)
+        ckpt_t += t
+        ckpt_stall += st
+    run.remove_timer()
+    none = {"step_s": statistics.median(none_t), "step_s_mean": statistics.mean(none_t),
+            "stall_s": 0.0}
+    ck = {"step_s": statistics.median(ckpt_t), "step_s_mean": statistics.mean(ckpt_t),
+          "stall_s": statistics.mean(ckpt_stall), "stall_s_median": statistics.median(ckpt_stall),
+          "stall_s_max": max(ckpt_stall)}
+    return none, ck, run.cp
 
 
 def run_dcp_async(model, optimizer, x, y, steps: int, workdir: Path, stager=None) -> dict:
@@ -265,7 +302,8 @@ def measure_dd(workdir: Path, nbytes: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--state-gib", type=float, default=1.1)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6, help="steps per mode (per round for none/ckpt)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating none/ckpt blocks")
     p.add_argument("--workdir", default=None)
     p.add_argument("--skip", default="", help="comma-separated modes to skip")
     args = p.parse_args()
@@ -278,9 +316,8 @@ def main() -> int:
     tensors = state_tensors(model, optimizer)
     t_copy, state_bytes = measure_copy_s(tensors)
     results: dict[str, dict] = {}
-    results["none"] = run_none(model, optimizer, x, y, args.steps)
-    results["ckpt"], cp = run_ckpt(model, optimizer, x, y, args.steps, workdir)
-    results["none_again"] = run_none(model, optimizer, x, y, args.steps)  # drift check
+    results["none"], results["ckpt"], cp = interleaved(model, optimizer, x, y, workdir,
+                                                       args.steps, args.rounds)
     if "dcp_async" not in skip:
         results["dcp_async"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir)
     if "dcp_async_shm" not in skip:
@@ -300,7 +337,7 @@ def main() -> int:
     restore = measure_restores(model, optimizer, cp, workdir, state_bytes)
     dd_gbps = measure_dd(workdir, min(state_bytes, 2 << 30))
 
-    base_step = (results["none"]["step_s"] + results["none_again"]["step_s"]) / 2
+    base_step = results["none"]["step_s"]
     floor = 1 - t_copy / (cores * base_step)
     print(f"state: {state_bytes / (1 << 30):.2f} GiB ({len(tensors)} tensors), cores: {cores}, "
           f"step (no ckpt): {base_step:.3f} s, t_copy (1 core): {t_copy:.3f} s, floor: {floor:.3f}")

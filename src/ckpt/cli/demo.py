@@ -71,6 +71,7 @@ def _run_incarnation(cmd: list[str], kill_after_step: int | None, rng: random.Ra
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("CKPT_LOG_LEVEL", "WARNING")  # the table is the demo's output
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     return env
