@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import zstandard
 
 from ckpt import _C
@@ -85,16 +86,22 @@ class _ChunkEncoder:
 class _SyncedFile:
     """Sequential writer of one data file; a full disk raises StorageFullError naming it.
 
-    Where the filesystem allows it, writes go through O_DIRECT from page-aligned
-    blocks, handed to a writer thread so the disk works while the next block is
-    filled (buffered writes followed by one fsync would first fill the page cache
-    and then wait for the disk: CPU time and disk time would add up). The last
-    block is padded to 4 KiB and the file truncated to its true size. Elsewhere
-    (tmpfs) writes are buffered. ``close()`` fsyncs; it is idempotent.
+    Where the filesystem allows it, writes go through O_DIRECT, handed to a writer
+    thread so the disk works while the next chunk is encoded (buffered writes
+    followed by one fsync would first fill the page cache and then wait for the
+    disk: CPU time and disk time would add up). A piece that starts on a 4 KiB
+    boundary in memory while the file offset is on one too is written straight
+    from the caller's memory (no copy); ``write`` callers keep their data alive
+    and unchanged until ``close()`` returns. Other bytes are gathered in
+    page-aligned 16 MiB blocks. The last block is padded to 4 KiB and the file
+    truncated to its true size. Elsewhere (tmpfs) writes are buffered.
+    ``close()`` fsyncs; it is idempotent.
     """
 
     BLOCK_BYTES = 16 << 20
     ALIGN_BYTES = 4096
+    MAX_DIRECT_BYTES = 16 << 20  # one O_DIRECT write (a bigger piece is split)
+    MAX_QUEUED = 4               # writes handed to the writer thread and not yet done
 
     def __init__(self, path: Path, expected_bytes: int, direct: bool = True,
                  display_path: Path | None = None) -> None:
@@ -116,7 +123,8 @@ class _SyncedFile:
             self._fd = os.open(path, flags, 0o644)
             return
         self._blocks = [mmap.mmap(-1, self.BLOCK_BYTES) for _ in range(3)]
-        self._pending: list[Future | None] = [None] * len(self._blocks)
+        # (write, block index or None for a write straight from the caller's memory), FIFO
+        self._queued: deque[tuple[Future, int | None]] = deque()
         self._current = 0
         self._fill = 0
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-persist-io")
@@ -134,15 +142,19 @@ class _SyncedFile:
                 raise full_error(exc, self._display, self._disk_bytes, needed) from None
             raise
 
+    def _queue_write(self, data: memoryview, block: int | None) -> None:
+        self._queued.append((self._io.submit(self._raw_write, data), block))
+        while len(self._queued) > self.MAX_QUEUED:
+            self._queued.popleft()[0].result()
+
     def _submit_current(self, nbytes: int) -> None:
         i = self._current
-        self._pending[i] = self._io.submit(self._raw_write, memoryview(self._blocks[i])[:nbytes])
+        self._queue_write(memoryview(self._blocks[i])[:nbytes], i)
         self._current = (i + 1) % len(self._blocks)
         self._fill = 0
-        waiting = self._pending[self._current]
-        if waiting is not None:  # the next block must be on disk before it is refilled
-            self._pending[self._current] = None
-            waiting.result()
+        # the next block must be on disk before it is refilled (writes finish in order)
+        while any(b == self._current for _, b in self._queued):
+            self._queued.popleft()[0].result()
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -151,6 +163,15 @@ class _SyncedFile:
             self.logical_bytes += len(view)
             return
         while view:
+            # logical_bytes - fill is block-aligned: with an empty block the file offset is
+            # aligned, and an aligned piece of memory can go to the disk as it is.
+            if self._fill == 0 and len(view) >= self.ALIGN_BYTES and \
+                    _address(view) % self.ALIGN_BYTES == 0:
+                n = min(len(view) - len(view) % self.ALIGN_BYTES, self.MAX_DIRECT_BYTES)
+                self._queue_write(view[:n], None)
+                self.logical_bytes += n
+                view = view[n:]
+                continue
             n = min(len(view), self.BLOCK_BYTES - self._fill)
             self._blocks[self._current][self._fill:self._fill + n] = view[:n]
             self._fill += n
@@ -170,8 +191,8 @@ class _SyncedFile:
                         padded = -(-self._fill // self.ALIGN_BYTES) * self.ALIGN_BYTES
                         self._blocks[self._current][self._fill:padded] = bytes(padded - self._fill)
                         self._submit_current(padded)
-                    for fut in self._pending:
-                        if fut is not None and (sync or fut.exception() is None):
+                    for fut, _ in self._queued:
+                        if sync or fut.exception() is None:
                             fut.result()
                 finally:
                     self._io.shutdown(wait=True)
@@ -188,6 +209,11 @@ class _SyncedFile:
         finally:
             self._fd = -1
             os.close(fd)
+
+
+def _address(view: memoryview) -> int:
+    """Address of the first byte of a (possibly read-only) contiguous byte view."""
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
 def _check_meta(meta: dict[str, Any], rank: int, world_size: int, step: int | None) -> None:
