@@ -3,7 +3,10 @@
 Every chunk read is decompressed and its crc32c checked before any of its
 bytes are returned; a mismatch raises CorruptChunkError naming the file, the
 tensor and the chunk. Slice reads read only the chunks that hold the slice.
-Thread-safe for concurrent reads (positional reads, per-thread decompressors).
+Whole tensors are read in big positional reads straight into the caller's
+buffers by a few threads, which overlap the disk with crc32c and zstd (both
+release the GIL). Thread-safe for concurrent reads (positional reads,
+per-thread decompressors).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +61,67 @@ def _runs(shape: tuple[int, ...], box_off: tuple[int, ...], box_shape: tuple[int
     return starts * itemsize, run_elems * itemsize
 
 
+# Reads of this size keep the disk streaming; several in flight keep its queue full while
+# other threads checksum (crc32c and zstd release the GIL).
+DEFAULT_SEGMENT_BYTES = 16 << 20
+DEFAULT_READ_THREADS = 4
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(nbytes: int) -> bytes:
+    return _ZEROS[:nbytes] if nbytes <= len(_ZEROS) else bytes(nbytes)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from ``offset``; fewer bytes only at end of file. Returns bytes read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _segments(chunks: list[ChunkRef], segment_bytes: int) -> list[list[ChunkRef]]:
+    """Runs of chunks one positional read can fetch: adjacent on disk, all raw (and then
+    adjacent in the piece too) or all compressed, at most ``segment_bytes`` stored."""
+    out: list[list[ChunkRef]] = []
+    run: list[ChunkRef] = []
+    run_bytes = 0
+    for c in chunks:
+        if run:
+            prev = run[-1]
+            joins = (c.compressed == prev.compressed
+                     and c.stored_offset == prev.stored_offset + prev.stored_bytes
+                     and run_bytes + c.stored_bytes <= segment_bytes
+                     and (c.compressed or (c.stored_bytes == c.raw_bytes
+                                           and c.raw_offset == prev.raw_offset + prev.raw_bytes)))
+            if not joins:
+                out.append(run)
+                run, run_bytes = [], 0
+        if not run and not c.compressed and c.stored_bytes != c.raw_bytes:
+            out.append([c])  # inconsistent raw chunk: read alone, _decode names it
+            continue
+        run.append(c)
+        run_bytes += c.stored_bytes
+    if run:
+        out.append(run)
+    return out
+
+
 class StepReader:
     """A committed step directory, validated on open (manifest, files, sizes)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_threads: int = DEFAULT_READ_THREADS,
+                 segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        if read_threads < 1 or segment_bytes < 1:
+            raise ConfigError(f"read_threads ({read_threads}) and segment_bytes "
+                              f"({segment_bytes}) must be positive")
         self.path = Path(path)
+        self.read_threads = read_threads
+        self.segment_bytes = segment_bytes
+        self._executor: ThreadPoolExecutor | None = None
         self.chunks_read = 0
         self.bytes_read = 0
         if not self.path.is_dir():
@@ -142,51 +202,155 @@ class StepReader:
     def _fd(self, name: str) -> int:
         with self._lock:
             if name not in self._fds:
-                self._fds[name] = os.open(self.path / name, os.O_RDONLY)
+                fd = os.open(self.path / name, os.O_RDONLY)
+                if hasattr(os, "posix_fadvise"):
+                    # Tensors are read front to back in big ranges: a wider readahead
+                    # window keeps the disk busy between our requests.
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                self._fds[name] = fd
             return self._fds[name]
 
-    def read_chunk(self, piece: TensorPiece, chunk: ChunkRef) -> bytes:
-        """The raw bytes of one chunk, crc-checked. CorruptChunkError when damaged."""
-        path = self.path / piece.file
-        where = f"{path}: tensor {piece.name!r} chunk {chunk.index}"
-        stored = os.pread(self._fd(piece.file), chunk.stored_bytes, chunk.stored_offset)
-        self.chunks_read += 1
-        self.bytes_read += len(stored)
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.read_threads,
+                                                    thread_name_prefix="ckpt-read")
+            return self._executor
+
+    def _count(self, chunks: int, stored_bytes: int) -> None:
+        with self._lock:
+            self.chunks_read += chunks
+            self.bytes_read += stored_bytes
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "dec", None)
+        if dec is None:
+            dec = self._local.dec = zstandard.ZstdDecompressor()
+        return dec
+
+    def _decode(self, where: str, stored: Any, chunk: ChunkRef) -> Any:
+        """Raw bytes of a chunk from its stored bytes (not yet crc-checked)."""
         if len(stored) != chunk.stored_bytes:
             raise CorruptChunkError(f"{where}: file ends after {len(stored)} of "
                                     f"{chunk.stored_bytes} stored bytes (truncated)")
         raw = stored
         if chunk.compressed:
-            dec = getattr(self._local, "dec", None)
-            if dec is None:
-                dec = self._local.dec = zstandard.ZstdDecompressor()
             try:
-                raw = dec.decompress(stored, max_output_size=chunk.raw_bytes)
+                raw = self._decompressor().decompress(stored, max_output_size=chunk.raw_bytes)
             except zstandard.ZstdError as exc:
                 raise CorruptChunkError(f"{where}: zstd frame does not decode ({exc})") from None
         if len(raw) != chunk.raw_bytes:
             raise CorruptChunkError(f"{where}: decodes to {len(raw)} bytes, expected "
                                     f"{chunk.raw_bytes}")
+        return raw
+
+    @staticmethod
+    def _check_crc(where: str, raw: Any, chunk: ChunkRef) -> None:
         actual = _C.crc32c(raw)
         if actual != chunk.crc32c:
             raise CorruptChunkError(f"{where}: crc32c {actual:#010x} != recorded "
                                     f"{chunk.crc32c:#010x}; the bytes are damaged")
+
+    def _where(self, piece: TensorPiece, chunk: ChunkRef) -> str:
+        return f"{self.path / piece.file}: tensor {piece.name!r} chunk {chunk.index}"
+
+    def read_chunk(self, piece: TensorPiece, chunk: ChunkRef) -> bytes:
+        """The raw bytes of one chunk, crc-checked. CorruptChunkError when damaged."""
+        where = self._where(piece, chunk)
+        stored = os.pread(self._fd(piece.file), chunk.stored_bytes, chunk.stored_offset)
+        self._count(1, len(stored))
+        raw = self._decode(where, stored, chunk)
+        self._check_crc(where, raw, chunk)
         return raw
 
     def read_tensor_into(self, name: str, rank: int, out_buffer: Any) -> None:
-        """Fill ``out_buffer`` (writable, exactly the piece's raw size) with ``rank``'s piece."""
-        piece = next((p for p in self._table(rank)[0] if p.name == name), None)
-        if piece is None:
-            raise KeyError(f"rank {rank} of {self.path} has no tensor named {name!r}")
+        """Fill ``out_buffer`` (writable, exactly the piece's raw size) with ``rank``'s piece.
+
+        Same contract as ``read_tensors_into`` for one tensor.
+        """
+        self.read_tensors_into(rank, [(name, out_buffer)])
+
+    def read_tensors_into(self, rank: int, requests: list[tuple[str, Any]]) -> None:
+        """Fill each ``(name, out_buffer)`` of ``requests`` with ``rank``'s piece ``name``.
+
+        Each buffer must be writable, contiguous and exactly the piece's raw size.
+        The pieces are read in big contiguous ranges straight into the buffers
+        (raw chunks are never copied; zstd chunks are decoded into them) by
+        ``read_threads`` threads, and every chunk's crc32c is checked before this
+        returns. On CorruptChunkError (naming file, tensor and chunk of the first
+        damaged chunk in request order) every read has stopped, and no damaged or
+        unverified byte is left in a buffer: the ranges of failed chunks are
+        zeroed; other ranges hold verified bytes or their previous contents.
+        """
+        table = {p.name: p for p in self._table(rank)[0]}
+        work: list[tuple[TensorPiece, memoryview, list[ChunkRef]]] = []
+        for name, out_buffer in requests:
+            piece = table.get(name)
+            if piece is None:
+                raise KeyError(f"rank {rank} of {self.path} has no tensor named {name!r}")
+            work.append((piece, self._out_view(piece, out_buffer), list(piece.chunks)))
+        self._read_chunks(work)
+
+    @staticmethod
+    def _out_view(piece: TensorPiece, out_buffer: Any) -> memoryview:
         out = memoryview(out_buffer)
         if not out.contiguous or out.readonly:
-            raise ConfigError(f"out_buffer for {name!r} must be writable and contiguous")
+            raise ConfigError(f"out_buffer for {piece.name!r} must be writable and contiguous")
         out = out.cast("B") if out.nbytes else memoryview(bytearray())
         if out.nbytes != piece.raw_bytes:
-            raise ConfigError(f"out_buffer holds {out.nbytes} bytes, tensor {name!r} of rank "
-                              f"{rank} needs {piece.raw_bytes}")
-        for chunk in piece.chunks:
-            out[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = self.read_chunk(piece, chunk)
+            raise ConfigError(f"out_buffer holds {out.nbytes} bytes, tensor {piece.name!r} of "
+                              f"rank {piece.rank} needs {piece.raw_bytes}")
+        return out
+
+    def _read_chunks(self, work: list[tuple[TensorPiece, memoryview, list[ChunkRef]]]) -> None:
+        """Read the listed chunks of each piece into its ``out`` view (raw offsets), checked."""
+        segments = [(piece, out, seg) for piece, out, chunks in work
+                    for seg in _segments(chunks, self.segment_bytes)]
+        if len(segments) <= 1 or self.read_threads <= 1:
+            for seg in segments:
+                self._read_segment(*seg)
+            return
+        pool = self._pool()
+        futures = [pool.submit(self._read_segment, *seg) for seg in segments]
+        try:
+            for fut in futures:
+                fut.result()
+        finally:
+            # Never return (or raise) while a thread may still write into a buffer.
+            for fut in futures:
+                fut.cancel()
+            wait(futures)
+
+    def _read_segment(self, piece: TensorPiece, out: memoryview, chunks: list[ChunkRef]) -> None:
+        """Read stored-contiguous chunks with one positional read, then check each.
+
+        Raw chunks land directly in ``out``; compressed ones are decoded into it.
+        """
+        first, last = chunks[0], chunks[-1]
+        fd = self._fd(piece.file)
+        base = first.stored_offset
+        span = last.stored_offset + last.stored_bytes - base
+        compressed = first.compressed
+        if compressed or first.stored_bytes != first.raw_bytes:
+            stored = memoryview(bytearray(span))
+        else:
+            stored = out[first.raw_offset:first.raw_offset + span]
+        k = 0
+        try:
+            got = _pread_into(fd, stored, base)  # an I/O error may leave part of a read behind
+            self._count(len(chunks), got)
+            for k, chunk in enumerate(chunks):
+                where = self._where(piece, chunk)
+                lo = chunk.stored_offset - base
+                part = stored[lo:min(lo + chunk.stored_bytes, max(got, lo))]
+                raw = self._decode(where, part, chunk)
+                self._check_crc(where, raw, chunk)
+                if compressed:
+                    out[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = raw
+        except BaseException:
+            for chunk in chunks[k:]:  # damaged or unverified: leave nothing of it behind
+                out[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = _zeros(chunk.raw_bytes)
+            raise
 
     def read_slice(self, name: str, offsets: tuple[int, ...] | list[int],
                    shape: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -259,16 +423,17 @@ class StepReader:
                            - np.repeat(ends - spans, spans)).tolist()
         # np.empty of a large size maps zero pages lazily: only chunks read are touched.
         buf = np.empty(piece.raw_bytes, dtype=np.uint8)
-        for j in needed:
-            chunk = piece.chunks[j]
-            buf[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = np.frombuffer(
-                self.read_chunk(piece, chunk), dtype=np.uint8)
+        self._read_chunks([(piece, memoryview(buf), [piece.chunks[j] for j in needed])])
         arr = buf.view(np_dtype).reshape(piece.shape)
         return arr[tuple(slice(o, o + n) for o, n in zip(local_off, box_shape))]
 
     def close(self) -> None:
+        """Stop the read threads and close the files. Idempotent."""
         with self._lock:
             fds, self._fds = self._fds, {}
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
         for fd in fds.values():
             os.close(fd)
 

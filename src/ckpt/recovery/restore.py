@@ -144,12 +144,16 @@ class _Loader:
             raise LayoutMismatchError(f"{where}: the snapshot has tensors the model/optimizer "
                                       f"lacks: {extra[:5]}{'...' if len(extra) > 5 else ''}")
 
-    def load_tensors(self, source: Any, engine: Any) -> list[Any]:
+    def load_tensors(self, source: Any) -> list[Any]:
         """Copy every model/optim tensor into the live tensors; return the tensor list for
         unflatten (None for live tensors, fresh CPU tensors for rng/scheduler/extra).
 
-        Memory: one native pass verifies each chunk and copies it only if it matched.
-        Disk: ``source.verify()`` has already read and checked every chunk.
+        Both tiers write a chunk into a live tensor only after its crc32c matched (memory:
+        one native pass that checks, then copies from cache; disk: reads straight into the
+        tensor, checks, zeroes a chunk that does not match). If a chunk is damaged the
+        tier raises, the live tensors hold checked bytes of this step plus zeroes, and
+        the next tier or an older step overwrites them all; if none loads, restore()
+        raises and the model must not be trained from.
         """
         entries = source.meta["tensors"]
         dsts: dict[int, int] = {}
@@ -158,11 +162,7 @@ class _Loader:
             if live is not None and e["nbytes"] and live.local.device.type == "cpu" \
                     and live.local.is_contiguous():
                 dsts[i] = live.local.data_ptr()
-        if source.tier == "memory":
-            source.load_verified(dsts)
-        elif dsts:
-            engine.submit([(source.tensor_addr(i), dst, int(entries[i]["nbytes"]))
-                           for i, dst in dsts.items()], 64 << 20, 0).wait(None)
+        source.load_verified(dsts)
         out: list[Any] = []
         for i, e in enumerate(entries):
             live = self.live.get(e["name"])
@@ -212,9 +212,7 @@ def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
             if source.step != step:
                 raise CkptError(f"{source.where} holds step {source.step}, expected {step}")
             loader.check(source.meta, source.where)
-            if tier == "disk":
-                source.verify()  # reads and checks every chunk before a byte reaches a tensor
-            tensors = loader.load_tensors(source, engine)
+            tensors = loader.load_tensors(source)
             log.info("ckpt: rank %d restored step %d from %s", target.rank, step, source.where)
             return source, tensors
         except LayoutMismatchError:
