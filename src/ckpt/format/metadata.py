@@ -9,7 +9,6 @@ One row per tensor piece. Chunk lists are parallel: chunk j of a piece has
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -83,15 +82,18 @@ def build_table_bytes(rows: list[dict[str, Any]], state: Any, meta: dict[str, An
         STATE_KEY: json.dumps(state, separators=(",", ":")).encode(),
         META_KEY: json.dumps(meta, separators=(",", ":")).encode(),
     })
-    sink = io.BytesIO()
+    # Arrow-native sinks and sources only: a Python file object makes Arrow's worker
+    # threads call back into Python, and one still doing so at interpreter exit aborts
+    # the process ("terminate called without an active exception").
+    sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
+    return sink.getvalue().to_pybytes()
 
 
 def parse_table_bytes(blob: bytes, path: str) -> tuple[list[TensorPiece], Any, dict[str, Any]]:
     """Parse a rank's Parquet file: (pieces, state skeleton, meta). Raises naming ``path``."""
     try:
-        table = pq.read_table(io.BytesIO(blob))
+        table = pq.read_table(pa.BufferReader(blob), use_threads=False)
     except (pa.ArrowException, OSError) as exc:
         raise CorruptCheckpointError(f"{path} is not a readable Parquet file: {exc}") from None
     kv = table.schema.metadata or {}
