@@ -45,3 +45,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs a CUDA device (none is usable here)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+# tests/harness.py (trainer processes, torchrun launches) is imported as `harness`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A private directory for one test's checkpoints and daemon socket; cleaned up after.
+
+    Trainers started with ``harness.worker_args(run_dir, ...)`` use the job id
+    ``run_dir.name``, so only this test's shared-memory segments are removed.
+    """
+    from harness import kill_daemons_under, shm_names
+
+    yield tmp_path
+    kill_daemons_under(tmp_path)
+    for name in shm_names():
+        if f"-{tmp_path.name}-" in name:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from harness import child_env, run_worker, worker_args
+from harness import child_env, kill_daemons_under, run_worker, worker_args
 
 from ckpt.cli.demo_model import SyntheticTokens, TinyConfig, make_training
 from ckpt.control.client import DaemonClient
@@ -61,7 +61,8 @@ def persisted(tmp_path_factory):
     os.kill(pid, 9)
     steps = [s.step for s in list_steps(run_dir / "checkpoints") if s.complete]
     assert steps[-2:] == [15, STEPS - 1], steps
-    return run_dir
+    yield run_dir
+    kill_daemons_under(run_dir)
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped_byte", "missing_manifest", "foreign"])

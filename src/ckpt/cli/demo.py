@@ -39,7 +39,7 @@ def _worker_cmd(workdir: Path, args: argparse.Namespace, *, ckpt: bool, out: Pat
            "--steps", str(args.steps), "--seed", str(args.seed), "--out", str(out),
            "--persist-every", str(args.persist_every), "--step-sleep-s", str(args.step_sleep_s)]
     if ckpt:
-        cmd += ["--ckpt", "--socket", str(workdir / "daemon.sock")]
+        cmd += ["--ckpt", "--socket", str(workdir / "daemon.sock"), "--job", args.job]
     return cmd
 
 
@@ -77,15 +77,21 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _stop_daemon(socket_path: Path) -> None:
+def _clean_up(socket_path: Path, job: str) -> None:
+    """Release the demo job's shared memory and stop the demo's daemon."""
     try:
         from ckpt.control.client import DaemonClient
 
         with DaemonClient(str(socket_path), timeout_s=5) as client:
-            pid = client.status().pid
-        os.kill(pid, signal.SIGTERM)
+            client.release(job)
+            os.kill(client.status().pid, signal.SIGTERM)
     except Exception:  # the demo is over; a daemon that is already gone is fine
         pass
+    from ckpt import _C
+    from ckpt.recovery.sources import segment_names
+
+    for _, name in segment_names(job, 0):  # whatever the daemon could not release
+        _C.Segment.unlink(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pause per step so the kill lands mid-run (default 0.02)")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temp dir, removed)")
     args = p.parse_args(argv)
+    args.job = f"demo-{os.getpid()}"
     if args.steps < 10:
         p.error("--steps must be at least 10 so the kill lands mid-run")
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _demo(workdir, args, rng)
     finally:
-        _stop_daemon(workdir / "daemon.sock")
+        _clean_up(workdir / "daemon.sock", args.job)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 

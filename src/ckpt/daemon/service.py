@@ -27,7 +27,8 @@ import ckpt
 from ckpt.control.client import PersistOutcome
 from ckpt.daemon.persister import PersistTask, SlotPersister, complete_disk_steps
 from ckpt.daemon.registry import JobConfig, SegmentEntry, SegmentRegistry, is_sealed
-from ckpt.daemon.watch import TrainerWatch, pid_alive
+from ckpt.daemon.watch import TrainerWatch
+from ckpt.procs import pid_alive
 from ckpt.errors import ConfigError, SegmentError, StepNotFoundError
 
 log = logging.getLogger("ckpt.daemon")

@@ -21,6 +21,7 @@ import ckpt
 from ckpt.control.client import DaemonClient
 from ckpt.control.paths import default_socket_path, ensure_private_dir, sidecar_path
 from ckpt.errors import DaemonUnavailableError
+from ckpt.procs import pid_alive
 
 _POLL_S = 0.05
 
@@ -72,22 +73,7 @@ def _other_daemon_running(socket_path: Path) -> bool:
         pid = int(sidecar_path(socket_path, "pid").read_text().strip() or 0)
     except (OSError, ValueError):
         return False
-    return pid > 0 and _pid_running(pid)
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); it cannot be our child here, but be exact anyway.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return pid > 0 and pid_alive(pid)
 
 
 def ensure_daemon(socket_path: str | Path | None = None, timeout_s: float = 10.0,
@@ -126,7 +112,7 @@ def ensure_daemon(socket_path: str | Path | None = None, timeout_s: float = 10.0
         while time.monotonic() < deadline:
             if client.ping(timeout_s=0.5):
                 return client
-            if not _pid_running(pid) and not _other_daemon_running(socket_path):
+            if not pid_alive(pid) and not _other_daemon_running(socket_path):
                 if client.ping(timeout_s=0.5):
                     return client
                 client.close()

@@ -23,24 +23,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-import psutil
+from ckpt.procs import pid_alive
 
 if TYPE_CHECKING:  # pragma: no cover
     from ckpt.daemon.service import DaemonCore
 
+
 log = logging.getLogger("ckpt.daemon")
-
-
-def pid_alive(pid: int) -> bool:
-    """True when ``pid`` names a running (not zombie) process."""
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # another user's live process
-        return True
 
 
 class TrainerWatch:

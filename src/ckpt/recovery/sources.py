@@ -18,18 +18,9 @@ import torch
 
 from ckpt.control.paths import parse_segment_name, shm_file
 from ckpt.errors import CkptError, CorruptCheckpointError, CorruptChunkError, SlotBusyError
+from ckpt.procs import pid_alive
 
 SEGMENT_HEADER_BYTES = 4096
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def break_dead_lock(segment: Any, slot: int) -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ckpt.errors import ConfigError, CorruptCheckpointError, StorageFullError
+from ckpt.procs import pid_alive
 
 STAGING_DIRNAME = ".staging"
 MANIFEST_NAME = "manifest.json"
@@ -156,16 +157,6 @@ def _write_synced(path: Path, data: bytes, flags: int) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class FsStorage:
     """Checkpoint directory on a local or network filesystem. Safe for many writer processes."""
 
@@ -227,7 +218,7 @@ class FsStorage:
                     holder = json.loads(lock.read_text())
                 except (OSError, ValueError):
                     return False  # being written right now, or gone with the rename
-                if holder.get("host") != socket.gethostname() or _pid_alive(int(holder["pid"])):
+                if holder.get("host") != socket.gethostname() or pid_alive(int(holder["pid"])):
                     return False
                 lock.unlink(missing_ok=True)  # its committer died before the rename
             except FileNotFoundError:
