@@ -131,12 +131,12 @@ class CkptRun:
     before and after ckpt's own).
     """
 
-    def __init__(self, model, optimizer, workdir: Path) -> None:
+    def __init__(self, model, optimizer, workdir: Path, yield_cores: bool = False) -> None:
         self.model, self.optimizer = model, optimizer
         self.timer = PreHookTimer(optimizer)
         self.cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1,
                                     persist_every=0, daemon_socket=workdir / "daemon.sock",
-                                    job=JOB)
+                                    job=JOB, yield_cores=yield_cores)
         self.timer.arm_end(optimizer)
         self.cp.restore()
         self.next_step = 0
@@ -164,9 +164,10 @@ class CkptRun:
         self.timer.remove()
 
 
-def interleaved(model, optimizer, x, y, workdir: Path, steps: int, rounds: int) -> tuple[dict, dict, "ckpt.Checkpointer"]:
+def interleaved(model, optimizer, x, y, workdir: Path, steps: int, rounds: int,
+                yield_cores: bool = False) -> tuple[dict, dict, "ckpt.Checkpointer"]:
     """none and ckpt in alternating blocks, so machine drift hits both alike."""
-    run = CkptRun(model, optimizer, workdir)
+    run = CkptRun(model, optimizer, workdir, yield_cores)
     run.run(x, y, 2)  # warm-up: registers the segment, maps it, first copies
     none_t: list[float] = []
     ckpt_t: list[float] = []
@@ -305,6 +306,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6, help="steps per mode (per round for none/ckpt)")
     p.add_argument("--rounds", type=int, default=3, help="alternating none/ckpt blocks")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--yield-cores", action="store_true",
+                   help="Checkpointer(yield_cores=True): torch lends the copy its core")
     p.add_argument("--skip", default="", help="comma-separated modes to skip")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
@@ -317,7 +320,7 @@ def main() -> int:
     t_copy, state_bytes = measure_copy_s(tensors)
     results: dict[str, dict] = {}
     results["none"], results["ckpt"], cp = interleaved(model, optimizer, x, y, workdir,
-                                                       args.steps, args.rounds)
+                                                       args.steps, args.rounds, args.yield_cores)
     if "dcp_async" not in skip:
         results["dcp_async"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir)
     if "dcp_async_shm" not in skip:

@@ -93,3 +93,36 @@ def test_optimizer_step_waits_for_the_copy_so_the_snapshot_is_of_step_s(cp_facto
         assert torch.equal(v, expected[k]), k
     for k, v in opt2.state[next(iter(model2.parameters()))].items():
         assert torch.equal(v, expected_opt[k]), k
+
+
+def test_yield_cores_lends_torch_threads_to_the_copy_and_takes_them_back(tmp_path):
+    """During the copy torch runs with one thread fewer; the optimizer step gets them back."""
+    import os as _os
+
+    from ckpt.hook.checkpointer import Checkpointer as _Checkpointer
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = torch.nn.Linear(256, 256)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        cp = _Checkpointer(model, opt, dir=tmp_path / "ck", job=f"yield{_os.getpid()}",
+                           start_daemon=False, persist_every=0, yield_cores=True)
+        try:
+            model(torch.randn(4, 256)).sum().backward()
+            opt.step()
+            cp.step(0)
+            assert torch.get_num_threads() == 1, "the copy's core was not lent"
+            opt.step()  # the pre-hook waits for the copy and restores the threads
+            assert torch.get_num_threads() == 2
+            cp.wait(30)
+        finally:
+            cp.close()
+            from ckpt import _C
+            from ckpt.recovery.sources import segment_names
+
+            for _, name in segment_names(f"yield{_os.getpid()}", 0):
+                _C.Segment.unlink(name)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

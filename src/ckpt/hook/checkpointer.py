@@ -105,6 +105,8 @@ class Checkpointer:
         self._stats = CheckpointerStats()
         self._stats_lock = threading.Lock()
         self._closed = False
+        self._saved_threads = 0  # torch's intra-op threads while yield_cores lent some away
+        self._module_hook: Any = None
         self._committer = Committer(self._finish, self._on_commit, self.config.wait_timeout_s)
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._wait_copy()),
@@ -175,6 +177,7 @@ class Checkpointer:
         else:
             self._pending = pending
             self._committer.submit(pending)
+            self._yield_cores(pending)
         elapsed = time.perf_counter() - t0
         with self._stats_lock:
             self._stats = replace(self._stats, last_step_call_s=elapsed,
@@ -199,6 +202,9 @@ class Checkpointer:
         finally:
             for h in self._hooks:
                 h.remove()
+            if self._module_hook is not None:
+                self._module_hook.remove()
+            self._take_cores_back(force=True)
             self._committer.close(self.config.wait_timeout_s)
             if self._stager is not None:
                 self._stager.close()
@@ -272,8 +278,26 @@ class Checkpointer:
             self._ensure_segment(need)
             return self._stager.begin(step, self._plan, sources, meta)
 
+    def _yield_cores(self, pending: PendingSnapshot) -> None:
+        threads = torch.get_num_threads()
+        if not self.config.yield_cores or pending.cuda_tickets or threads <= 1:
+            return
+        self._saved_threads = threads
+        torch.set_num_threads(max(1, threads - self.config.copy_threads))
+        if self._module_hook is None:
+            self._module_hook = torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda *_: self._take_cores_back())
+
+    def _take_cores_back(self, force: bool = False) -> None:
+        """On the training thread: once the copy is done, torch gets its threads back."""
+        if self._saved_threads and (force or self._pending is None
+                                    or all(t.done() for t in self._pending.cpu_tickets)):
+            torch.set_num_threads(self._saved_threads)
+            self._saved_threads = 0
+
     def _wait_copy(self) -> None:
         """The only blocking point of the lazy copy (optimizer.step / load_state_dict)."""
+        self._take_cores_back(force=True)
         pending = self._pending
         if pending is None:
             return
