@@ -53,7 +53,9 @@ def _damage(step_dir: Path, how: str) -> str:
 def persisted(tmp_path_factory):
     """A run of 20 steps persisted every 5 steps (keep all), its memory tier released."""
     run_dir = tmp_path_factory.mktemp("persisted")
-    args = worker_args(run_dir, STEPS, ckpt=True, persist_every=5, keep=0)
+    # Paced steps: the daemon persists step 5k while the trainer is still within two
+    # snapshots of it (a persister that falls further behind finds the step overwritten).
+    args = worker_args(run_dir, STEPS, ckpt=True, persist_every=5, keep=0, step_sleep_s=0.05)
     run_worker(args)
     with DaemonClient(str(run_dir / "daemon.sock"), timeout_s=30) as client:
         client.release(run_dir.name)

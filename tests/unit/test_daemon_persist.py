@@ -37,7 +37,12 @@ def test_every_nth_step_is_persisted_as_a_complete_verified_step_dir(daemon, job
     _, client = daemon
     out = tmp_path / "ckpts"
     t = Trainer(client, job, persist_dir=out, persist_every=3, keep=2)
-    scheduled = [t.snapshot(step) for step in range(1, 8)]
+    scheduled = []
+    for step in range(1, 8):
+        scheduled.append(t.snapshot(step))
+        if scheduled[-1]:  # a trainer's next snapshots come a step time later; the
+            # persister must stage step 3 before two newer snapshots overwrite its slot
+            wait_until(lambda: step in complete_steps(out), timeout_s=30, what=f"step {step} on disk")
     assert scheduled == [False, False, True, False, False, True, False]
     wait_until(lambda: complete_steps(out) == [3, 6], what="steps 3 and 6 on disk")
     manifest = json.loads((out / "step-00000006" / "manifest.json").read_text())
