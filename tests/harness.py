@@ -126,3 +126,19 @@ def shm_names() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if n.startswith("ckpt-")}
     except FileNotFoundError:
         return set()
+
+
+def clean_up_job(run_dir: Path, job: str, rank: int = 0) -> None:
+    """After an in-process Checkpointer test: SIGKILL the daemon it started under
+    ``run_dir`` (pid file beside the socket) and unlink the job's segments."""
+    from ckpt import _C
+    from ckpt.recovery.sources import segment_names
+
+    pid_file = run_dir / "daemon.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    for _, name in segment_names(job, rank):
+        _C.Segment.unlink(name)

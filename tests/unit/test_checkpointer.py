@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from harness import clean_up_job
 
 from ckpt import _C
 from ckpt.errors import ConfigError, LayoutMismatchError
@@ -82,14 +82,7 @@ def make_cp(tmp_path, request):
             cp.close()
         except Exception:
             pass
-    pid_file = tmp_path / "daemon.pid"
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    for _, name in segment_names(job, 0):
-        _C.Segment.unlink(name)
+    clean_up_job(tmp_path, job)
 
 
 def assert_same_state(m1, o1, m2, o2):

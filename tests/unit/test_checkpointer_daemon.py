@@ -9,9 +9,9 @@ import time
 
 import torch
 
-from ckpt import _C
+from harness import clean_up_job
+
 from ckpt.hook.checkpointer import Checkpointer
-from ckpt.recovery.sources import segment_names
 from ckpt.storage.fs import list_steps
 
 
@@ -59,11 +59,4 @@ def test_training_survives_daemon_death_and_close_persists(tmp_path, caplog):
                 assert torch.equal(a, b)
     finally:
         cp.close()
-        pid_file = tmp_path / "daemon.pid"
-        if pid_file.exists():
-            try:
-                os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        for _, name in segment_names(job, 0):
-            _C.Segment.unlink(name)
+        clean_up_job(tmp_path, job)

@@ -118,11 +118,9 @@ def test_yield_cores_lends_torch_threads_to_the_copy_and_takes_them_back(tmp_pat
             cp.wait(30)
         finally:
             cp.close()
-            from ckpt import _C
-            from ckpt.recovery.sources import segment_names
+            from harness import clean_up_job
 
-            for _, name in segment_names(f"yield{_os.getpid()}", 0):
-                _C.Segment.unlink(name)
+            clean_up_job(tmp_path, f"yield{_os.getpid()}")
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)

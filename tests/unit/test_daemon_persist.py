@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from ckpt.control.client import DaemonClient
 from ckpt.control.paths import shm_file

@@ -120,6 +120,7 @@ class _Loader:
         model_sd, optim_sd = get_state_dict(target.model, target.optimizer)
         self.live_optim = optim_sd
         tensors, _ = flatten({"model": model_sd, "optim": optim_sd})
+        self.live_tensors = dict(tensors)  # name -> live tensor (plain or DTensor)
         self.live = {g.name: g for g in geometries(tensors)}
 
     def check(self, meta: Mapping[str, Any], where: str) -> None:
@@ -180,16 +181,10 @@ class _Loader:
 
     def apply(self, source: Any, tensors: list[Any]) -> None:
         target = self.target
-        live_by_index = []
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(target.model, target.optimizer)
-        live_tensors, _ = flatten({"model": model_sd, "optim": optim_sd})
-        by_name = dict(live_tensors)
-        for i, e in enumerate(source.meta["tensors"]):
-            live_by_index.append(by_name[e["name"]] if tensors[i] is None else tensors[i])
+        live_by_index = [self.live_tensors[e["name"]] if tensors[i] is None else tensors[i]
+                         for i, e in enumerate(source.meta["tensors"])]
         state = unflatten(source.meta["state"], live_by_index)
-        apply_optimizer_scalars(target.optimizer, optim_sd, state["optim"])
+        apply_optimizer_scalars(target.optimizer, self.live_optim, state["optim"])
         if target.scheduler is not None and state.get("scheduler") is not None:
             target.scheduler.load_state_dict(state["scheduler"])
         for name, obj in target.extras.items():
