@@ -53,8 +53,8 @@ def _damage(step_dir: Path, how: str) -> str:
 def persisted(tmp_path_factory):
     """A run of 20 steps persisted every 5 steps (keep all), its memory tier released."""
     run_dir = tmp_path_factory.mktemp("persisted")
-    # Paced steps: the daemon persists step 5k while the trainer is still within two
-    # snapshots of it (a persister that falls further behind finds the step overwritten).
+    # Paced steps: each persist is done before the next persist step is committed (a newer
+    # persist step supersedes one still queued, and this fixture needs steps 15 and 20).
     args = worker_args(run_dir, STEPS, ckpt=True, persist_every=5, keep=0, step_sleep_s=0.05)
     run_worker(args)
     with DaemonClient(str(run_dir / "daemon.sock"), timeout_s=30) as client:

@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 
 
+import pytest
+
 from ckpt.control.client import DaemonClient
+from ckpt.daemon import persister
 from ckpt.control.paths import shm_file
 from ckpt.format import verify
 from test_daemon_rpc import (Trainer, daemon, job, make_payload, start_daemon,  # noqa: F401
@@ -36,12 +39,7 @@ def test_every_nth_step_is_persisted_as_a_complete_verified_step_dir(daemon, job
     _, client = daemon
     out = tmp_path / "ckpts"
     t = Trainer(client, job, persist_dir=out, persist_every=3, keep=2)
-    scheduled = []
-    for step in range(1, 8):
-        scheduled.append(t.snapshot(step))
-        if scheduled[-1]:  # a trainer's next snapshots come a step time later; the
-            # persister must stage step 3 before two newer snapshots overwrite its slot
-            wait_until(lambda: step in complete_steps(out), timeout_s=30, what=f"step {step} on disk")
+    scheduled = [t.snapshot(step) for step in range(1, 8)]
     assert scheduled == [False, False, True, False, False, True, False]
     wait_until(lambda: complete_steps(out) == [3, 6], what="steps 3 and 6 on disk")
     manifest = json.loads((out / "step-00000006" / "manifest.json").read_text())
@@ -50,6 +48,50 @@ def test_every_nth_step_is_persisted_as_a_complete_verified_step_dir(daemon, job
     assert client.latest(job, 0).disk_steps == (3, 6)
     assert client.status().segments[0].last_persisted_step == 6 or any(
         s.last_persisted_step == 6 for s in client.status().segments if s.job == job)
+    t.close()
+
+
+@pytest.fixture
+def slow_disk(monkeypatch):
+    """Every persist's write to disk takes at least 0.6 s (staging stays fast)."""
+    real = persister.write_step
+
+    def slow_write_step(*args, **kwargs):
+        time.sleep(0.6)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(persister, "write_step", slow_write_step)
+
+
+def test_a_persist_step_waiting_behind_a_slow_write_is_not_overwritten(daemon, job, tmp_path,
+                                                                        slow_disk):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=3, keep=0)
+    # Step 3's write takes 0.6 s; steps 4..8 are snapshotted meanwhile. Step 6 waits in
+    # the queue pinned, so steps 7 and 8 go to the other slot instead of overwriting it.
+    assert [t.snapshot(step) for step in range(1, 9)] == [False, False, True, False, False,
+                                                          True, False, False]
+    wait_until(lambda: complete_steps(out) == [3, 6], timeout_s=10, what="steps 3 and 6 on disk")
+    assert verify(out / "step-00000006").ok
+    assert client.status().errors == []
+    t.close()
+
+
+def test_a_newer_persist_step_supersedes_one_still_queued_with_a_warning(daemon, job, tmp_path,
+                                                                         slow_disk):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=2, keep=0)
+    for step in range(1, 8):
+        t.snapshot(step)
+    # Step 2 is being written (slowly) while 4 and then 6 are committed: 6 replaces 4 in
+    # the queue, so at most one slot waits pinned and the trainer never has to skip.
+    wait_until(lambda: complete_steps(out) == [2, 6], timeout_s=10, what="steps 2 and 6 on disk")
+    errors = client.status().errors
+    assert len(errors) == 1 and "step 4 skipped" in errors[0] and "persist_every" in errors[0]
+    t.snapshot(8)  # the trainer was never blocked by two pinned slots, and is not now
+    wait_until(lambda: complete_steps(out) == [2, 6, 8], timeout_s=10, what="step 8 on disk")
     t.close()
 
 

@@ -59,11 +59,7 @@ class Trainer:
         self.seg = _C.Segment.open(self.reg.segment_name)
 
     def write(self, step: int, payload: bytes) -> tuple[int, int]:
-        committed = self.seg.committed()
-        slot = 0 if committed is None else 1 - committed[0]
-        # A real trainer skips the snapshot when a reader (persist, Fetch) pins the slot;
-        # this one waits, so that tests are deterministic.
-        wait_until(lambda: self.seg.try_lock(slot, os.getpid(), "write"), what="write lock")
+        (slot,) = wait_until(self._lock_a_slot, what="a slot no reader holds")
         self.seg.mark_writing(slot)
         view = self.seg.slot_view(slot)
         view[:len(payload)] = payload
@@ -71,6 +67,20 @@ class Trainer:
         seq = self.seg.seal(slot, step, len(payload), payload_crc(payload))
         self.seg.unlock(slot, os.getpid())
         return slot, seq
+
+    def _lock_a_slot(self) -> tuple[int] | None:
+        """The stager's choice (ckpt.snapshot.stager): the slot that is not committed, else
+        the committed one when a reader holds the other. A real trainer skips the snapshot
+        when both are held; this one waits, so that tests are deterministic."""
+        committed = self.seg.committed()
+        first = 0 if committed is None else 1 - committed[0]
+        for slot in (first, 1 - first):
+            if self.seg.try_lock(slot, os.getpid(), "write"):
+                if slot != first and self.seg.slot_info(first)["state"] != "SEALED":
+                    self.seg.unlock(slot, os.getpid())
+                    return None
+                return (slot,)
+        return None
 
     def snapshot(self, step: int, payload: bytes | None = None) -> bool:
         payload = payload if payload is not None else make_payload(step, self.rank, job=self.job)

@@ -1,10 +1,14 @@
 """Background persistence of sealed slots to disk, through ``ckpt.format``.
 
-One worker thread takes requests ``(job, step, ranks)`` from a queue. For each it pins the
-slots holding ``step`` of every requested rank (read lock, seq re-checked) only while it copies
-each into a private, pre-faulted staging buffer (made while idle for every segment with a
-persist_dir, kept per (job, rank)), unpins, and hands the copies to ``ckpt.format`` (one step dir for the ranks of the job on this node; the
-multi-writer path when the job has ranks elsewhere), then unpins. A failure (full disk, bad
+One worker thread takes requests ``(job, step, ranks)`` from a queue. The slots holding
+``step`` are pinned (read lock, seq re-checked) from the moment the request is made (the
+daemon pins them at Commit), so a persist that waits behind a slow one still finds its step;
+the worker copies each into a private, pre-faulted staging buffer (made while idle for every
+segment with a persist_dir, kept per (job, rank)), unpins, and hands the copies to
+``ckpt.format`` (one step dir for the ranks of the job on this node; the multi-writer path
+when the job has ranks elsewhere). A periodic request replaces the job's periodic request
+still queued, which is then skipped with a warning (the disk cannot keep up with
+persist_every), so no more than one slot per segment waits pinned. A failure (full disk, bad
 dir, a slot overwritten before it could be read) is recorded on the segments, logged, and
 returned to whoever waits; it never stops the worker or the daemon.
 
@@ -23,7 +27,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpt.control.client import PersistOutcome
@@ -55,9 +59,19 @@ def complete_disk_steps(persist_dir: str) -> list[int]:
 
 @dataclass(frozen=True)
 class PersistTask:
+    """Persist ``step`` of ``ranks`` of ``job``.
+
+    ``held``: (entry, slot, slot_info) of slots the submitter already pinned (read lock),
+    so that the trainer cannot overwrite them while the task waits in the queue; the
+    persister unpins each once it has staged it (or drops the task). ``periodic``: a
+    persist_every step; a newer periodic task of the same job supersedes one still queued.
+    """
+
     job: str
     step: int
     ranks: tuple[int, ...]
+    held: tuple = field(default=(), compare=False)
+    periodic: bool = False
 
 
 def write_step(persist_dir: str, step: int, world_size: int,
@@ -94,6 +108,10 @@ class SlotPersister:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.failures: collections.deque = collections.deque(maxlen=20)
+        self.skipped: collections.deque = collections.deque(maxlen=20)
+        self._queued_periodic: dict[str, tuple[PersistTask, Future]] = {}
+        self._dropped: set[int] = set()  # id() of superseded tasks still in the queue
+        self._held_left: dict[int, tuple] = {}  # id(task) -> pins not yet released
         self._buffers: dict[tuple[str, int], "mmap.mmap"] = {}  # (job, rank) -> staging buffer
         from ckpt import _C
 
@@ -106,11 +124,36 @@ class SlotPersister:
             return self._pending[job]
 
     def submit(self, task: PersistTask) -> Future:
+        """Queue ``task``. A periodic task replaces the job's periodic task that is still
+        queued (not started): that one is dropped, its pins released and its Future
+        resolved as skipped, so that at most one queued task per job holds slots (with
+        both of a segment's slots pinned, the trainer would have to skip snapshots)."""
         fut: Future = Future()
+        superseded = None
         with self._lock:
             self._pending[task.job] += 1
+            if task.periodic:
+                superseded = self._queued_periodic.pop(task.job, None)
+                self._queued_periodic[task.job] = (task, fut)
+        if superseded is not None:
+            old, old_fut = superseded
+            self._dropped.add(id(old))
+            self._release(old)
+            message = (f"persist of job {old.job!r} step {old.step} skipped: step {task.step} "
+                       f"was committed while it waited behind a persist still writing; "
+                       f"persist_every is shorter than one persist takes")
+            log.warning("%s", message)
+            self.skipped.append(message)
+            old_fut.set_result(PersistOutcome(old.step, False, message))
         self._queue.put((task, fut))
         return fut
+
+    def _release(self, task: PersistTask) -> None:
+        """Unpin every slot ``task`` still holds (idempotent per task)."""
+        with self._lock:
+            held, self._held_left[id(task)] = self._held_left.get(id(task), task.held), ()
+        for entry, slot, _ in held:
+            self._registry.unpin(entry, slot)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop after the request in progress; queued requests fail with 'daemon stopping'."""
@@ -130,8 +173,16 @@ class SlotPersister:
             if item is None:
                 break
             task, fut = item
+            with self._lock:
+                if self._queued_periodic.get(task.job, (None,))[0] is task:
+                    del self._queued_periodic[task.job]
+                dropped = id(task) in self._dropped
+                self._dropped.discard(id(task))
+            outcome = None
             try:
-                if self._stop.is_set():
+                if dropped:
+                    pass  # superseded: submit() released it and resolved its Future
+                elif self._stop.is_set():
                     outcome = PersistOutcome(task.step, False, "daemon stopping")
                 else:
                     outcome = self._persist(task)
@@ -139,18 +190,23 @@ class SlotPersister:
                 outcome = PersistOutcome(task.step, False, f"internal error: {e!r}")
                 log.exception("persist of %s step %d", task.job, task.step)
             finally:
+                if not dropped:
+                    self._release(task)
                 with self._lock:
+                    self._held_left.pop(id(task), None)
                     self._pending[task.job] -= 1
                     if self._pending[task.job] <= 0:
                         del self._pending[task.job]
-            fut.set_result(outcome)
+            if outcome is not None:
+                fut.set_result(outcome)
         # Drain: nobody waits forever on a request the worker will never run.
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if item is not None and id(item[0]) not in self._dropped:
+                self._release(item[0])
                 item[1].set_result(PersistOutcome(item[0].step, False, "daemon stopping"))
 
     def _persist(self, task: PersistTask) -> PersistOutcome:
@@ -160,6 +216,8 @@ class SlotPersister:
             found = [self._registry.find_step(task.job, r, task.step) for r in task.ranks]
         except Exception as e:  # noqa: BLE001 - StepNotFoundError and friends
             return self._fail(task, [], f"persist of job {task.job!r} step {task.step}: {e}")
+        held = {entry.rank: (entry, slot, info) for entry, slot, info in task.held}
+        found = [held.get(f[0].rank, f) for f in found]
         entries = [f[0] for f in found]
         if all(e.last_persisted_step >= task.step for e in entries):
             return PersistOutcome(task.step, True, "")
@@ -171,12 +229,19 @@ class SlotPersister:
         try:
             payloads = {}
             for entry, slot, info in found:
-                # Pin the slot only for a memcpy into a private buffer: the trainer can
-                # write both slots again while compression and disk writes run.
-                with self._registry.read_pinned(entry, slot, task.step, info["seq"]):
+                # Pinned (since Commit, or now) only until the memcpy into a private buffer
+                # is done: the trainer can write both slots again while compression and
+                # disk writes run.
+                if entry.rank in held:
                     view = self._stage(task.job, entry.rank, entry.segment.slot_address(slot),
                                        info["payload_bytes"])
+                else:
+                    with self._registry.read_pinned(entry, slot, task.step, info["seq"]):
+                        view = self._stage(task.job, entry.rank,
+                                           entry.segment.slot_address(slot),
+                                           info["payload_bytes"])
                 payloads[entry.rank] = (view, info["payload_crc"])
+            self._release(task)
             t_staged = time.monotonic()
             write_step(config.persist_dir, task.step, config.world_size, payloads, config.keep)
         except Exception as e:  # noqa: BLE001 - full disk, bad dir, overwritten slot

@@ -276,10 +276,9 @@ class SegmentRegistry:
 
     # -- read pins --------------------------------------------------------------------------
 
-    @contextmanager
-    def read_pinned(self, entry: SegmentEntry, slot: int, step: int,
-                    seq: int | None = None) -> Iterator[dict]:
-        """Hold ``slot``'s read lock; yields its slot_info after re-checking step and seq.
+    def pin(self, entry: SegmentEntry, slot: int, step: int, seq: int | None = None) -> dict:
+        """Take (or share) ``slot``'s read lock and return its slot_info, re-checked to hold
+        sealed ``step`` (and ``seq``). Every successful ``pin`` needs one ``unpin``.
 
         Raises SlotBusyError when the trainer holds the write lock, StepNotFoundError
         when the slot no longer holds ``step`` (overwritten between lookup and lock).
@@ -299,18 +298,34 @@ class SegmentRegistry:
                 raise StepNotFoundError(f"slot {slot} of {entry.name} no longer holds step "
                                         f"{step} (now step {info['step']}, state "
                                         f"{info['state']})")
+        except BaseException:
+            self.unpin(entry, slot)
+            raise
+        return info
+
+    def unpin(self, entry: SegmentEntry, slot: int) -> None:
+        """Release one ``pin`` of ``slot``; the read lock goes with the last one."""
+        key = (entry.name, slot)
+        with self._lock:
+            n = self._pins[key] - 1
+            if n > 0:
+                self._pins[key] = n
+                return
+            del self._pins[key]
+            try:
+                entry.segment.unlock(slot, self._pid)
+            except Exception as e:  # noqa: BLE001 - a broken lock is reported, not fatal
+                self._problem(f"unlocking slot {slot} of {entry.name}: {e}")
+
+    @contextmanager
+    def read_pinned(self, entry: SegmentEntry, slot: int, step: int,
+                    seq: int | None = None) -> Iterator[dict]:
+        """``pin`` for the duration of a ``with`` block; yields the slot_info."""
+        info = self.pin(entry, slot, step, seq)
+        try:
             yield info
         finally:
-            with self._lock:
-                n = self._pins[key] - 1
-                if n == 0:
-                    del self._pins[key]
-                    try:
-                        entry.segment.unlock(slot, self._pid)
-                    except Exception as e:  # noqa: BLE001 - a broken lock is reported, not fatal
-                        self._problem(f"unlocking slot {slot} of {entry.name}: {e}")
-                else:
-                    self._pins[key] = n
+            self.unpin(entry, slot)
 
     # -- sidecars ---------------------------------------------------------------------------
 

@@ -121,8 +121,29 @@ class DaemonCore:
         if not all(any(i["step"] == step for _, i in e.sealed_slots()) for e in entries):
             return False
         del self._pending_step[job]
-        self.persister.submit(PersistTask(job, step, tuple(e.rank for e in entries)))
+        ranks = tuple(e.rank for e in entries)
+        self.persister.submit(PersistTask(job, step, ranks, held=self._pin_step(job, step, ranks),
+                                          periodic=True))
         return True
+
+    def _pin_step(self, job: str, step: int, ranks: tuple[int, ...]) -> tuple:
+        """Pin the slot holding ``step`` of each rank now, so that the trainer's next
+        snapshots cannot overwrite it while the persist waits in the queue (the trainer
+        writes its other slot, or skips a snapshot if both are pinned).
+
+        Returns (entry, slot, slot_info) per pinned rank. A rank whose slot cannot be
+        pinned (the trainer is rewriting it already) is left out: the persister tries it
+        again when it gets to the task, and reports a failure if it is gone.
+        """
+        held = []
+        for rank in ranks:
+            try:
+                entry, slot, info = self.registry.find_step(job, rank, step)
+                held.append((entry, slot, self.registry.pin(entry, slot, step, info["seq"])))
+            except (SegmentError, StepNotFoundError) as e:
+                log.warning("persist of job %s step %d: rank %d not pinned: %s", job, step,
+                            rank, e)
+        return tuple(held)
 
     def latest(self, job: str, rank: int) -> tuple[list[tuple[SegmentEntry, int, dict]],
                                                    list[int], str]:
@@ -180,7 +201,8 @@ class DaemonCore:
             elif step not in sealed[rank]:
                 raise StepNotFoundError(f"job {job!r} rank {rank}: step {step} is not sealed")
         ranks = tuple(r for r in sorted(sealed) if step in sealed[r])
-        fut = self.persister.submit(PersistTask(job, step, ranks))
+        fut = self.persister.submit(PersistTask(job, step, ranks,
+                                                held=self._pin_step(job, step, ranks)))
         if not wait:
             return PersistOutcome(step, False, "")
         wait_s = timeout_s if timeout_s > 0 else DEFAULT_PERSIST_WAIT_S
@@ -264,7 +286,7 @@ class DaemonCore:
                 persist_queue=self.persister.queued(e.job), errors=list(e.errors),
                 persist_dir=e.config.persist_dir, adopted=e.adopted, released=e.released))
         errors = (list(self.registry.problems) + list(self.problems)
-                  + list(self.persister.failures))
+                  + list(self.persister.failures) + list(self.persister.skipped))
         if self.watch.last_error is not None:
             errors.append(f"watcher: {self.watch.last_error!r}")
         return dict(pid=os.getpid(), version=ckpt.__version__,
