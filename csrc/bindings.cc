@@ -302,7 +302,13 @@ PYBIND11_MODULE(_C, m) {
           },
           py::arg("i"))
       .def("pin", &Segment::pin, "mlock the mapping; False when RLIMIT_MEMLOCK forbids it.")
-      .def("close", &Segment::close, "Unmap (once no slot_view is alive). Idempotent.")
+      .def(
+          "close",
+          [](Segment& s) {
+            py::gil_scoped_release nogil;  // munmap of a GiB-sized mapping takes tens of ms
+            s.close();
+          },
+          "Unmap (once no slot_view is alive). Idempotent. Releases the GIL.")
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](Segment& s, py::args) { s.close(); })
       .def("__repr__", [](Segment& s) {
