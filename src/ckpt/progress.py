@@ -14,9 +14,15 @@ from typing import Callable, Iterator
 ProgressFn = Callable[[int, int], None]
 
 
+def progress_shown() -> bool:
+    """Whether ``byte_progress`` draws a bar (stderr is a terminal): callers skip work
+    done only to feed a bar (polling a daemon) when it is not."""
+    return sys.stderr.isatty()
+
+
 @contextlib.contextmanager
 def byte_progress(desc: str, enabled: bool = True) -> Iterator[ProgressFn]:
-    if not enabled or not sys.stderr.isatty():
+    if not enabled or not progress_shown():
         yield lambda done, total: None
         return
     from tqdm import tqdm

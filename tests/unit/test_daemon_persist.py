@@ -95,6 +95,27 @@ def test_a_newer_persist_step_supersedes_one_still_queued_with_a_warning(daemon,
     t.close()
 
 
+def test_a_waiting_persist_reports_the_daemons_progress_in_bytes(daemon, job, tmp_path,
+                                                                 slow_disk):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, slot_bytes=8 << 20, persist_dir=out)  # only on request
+    payload = make_payload(1, nbytes=4 << 20, chunk_bytes=1 << 20)
+    t.snapshot(1, payload)
+    seen: list[tuple[int, int]] = []
+    outcome = client.persist(job, rank=0, wait=True, timeout_s=30,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert (outcome.step, outcome.done, outcome.error) == (1, True, "")
+    # The 0.6 s slow-down comes before the first byte is written: the polls see it start,
+    # and the last report is the whole payload.
+    assert seen[0] == (0, len(payload)) and seen[-1] == (len(payload), len(payload))
+    assert all(total == len(payload) for _, total in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    seg = next(s for s in client.status().segments if s.job == job)
+    assert (seg.persist_step, seg.persist_done_bytes, seg.persist_total_bytes) == (-1, 0, 0)
+    t.close()
+
+
 def test_retention_keeps_the_newest_k_steps(daemon, job, tmp_path):
     _, client = daemon
     out = tmp_path / "ckpts"

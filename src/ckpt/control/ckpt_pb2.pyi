@@ -151,7 +151,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SegmentStatus(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "generation", "segment_name", "owner_pid", "owner_alive", "slots", "size_bytes", "slot_bytes", "last_persisted_step", "persist_queue", "errors", "persist_dir", "adopted", "released")
+    __slots__ = ("job", "rank", "world_size", "generation", "segment_name", "owner_pid", "owner_alive", "slots", "size_bytes", "slot_bytes", "last_persisted_step", "persist_queue", "errors", "persist_dir", "adopted", "released", "persist_step", "persist_done_bytes", "persist_total_bytes")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,9 @@ class SegmentStatus(_message.Message):
     PERSIST_DIR_FIELD_NUMBER: _ClassVar[int]
     ADOPTED_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
+    PERSIST_STEP_FIELD_NUMBER: _ClassVar[int]
+    PERSIST_DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PERSIST_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -184,7 +187,10 @@ class SegmentStatus(_message.Message):
     persist_dir: str
     adopted: bool
     released: bool
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., generation: _Optional[int] = ..., segment_name: _Optional[str] = ..., owner_pid: _Optional[int] = ..., owner_alive: _Optional[bool] = ..., slots: _Optional[_Iterable[_Union[SlotStep, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., last_persisted_step: _Optional[int] = ..., persist_queue: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., persist_dir: _Optional[str] = ..., adopted: _Optional[bool] = ..., released: _Optional[bool] = ...) -> None: ...
+    persist_step: int
+    persist_done_bytes: int
+    persist_total_bytes: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., generation: _Optional[int] = ..., segment_name: _Optional[str] = ..., owner_pid: _Optional[int] = ..., owner_alive: _Optional[bool] = ..., slots: _Optional[_Iterable[_Union[SlotStep, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., last_persisted_step: _Optional[int] = ..., persist_queue: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., persist_dir: _Optional[str] = ..., adopted: _Optional[bool] = ..., released: _Optional[bool] = ..., persist_step: _Optional[int] = ..., persist_done_bytes: _Optional[int] = ..., persist_total_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("pid", "version", "uptime_s", "segments", "errors", "socket_path")

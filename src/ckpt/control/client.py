@@ -12,9 +12,11 @@ FAILED_PRECONDITION / RESOURCE_EXHAUSTED -> :class:`SegmentError`, ABORTED ->
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -186,8 +188,16 @@ class DaemonClient:
         return bytes(out)
 
     def persist(self, job: str, rank: int | None = None, step: int = -1, wait: bool = False,
-                timeout_s: float = 0.0) -> PersistOutcome:
-        """Persist ``step`` (-1: the newest step every local rank has) of ``rank`` or all ranks."""
+                timeout_s: float = 0.0,
+                progress: Callable[[int, int], None] | None = None) -> PersistOutcome:
+        """Persist ``step`` (-1: the newest step every local rank has) of ``rank`` or all ranks.
+
+        With ``wait`` and ``progress``, the call runs on a helper thread while this one polls
+        Status every ``PROGRESS_POLL_S`` and reports ``progress(done_bytes, total_bytes)``
+        of the job's persist in progress (for a progress bar).
+        """
+        if progress is not None and wait:
+            return self._persist_reporting(job, rank, step, timeout_s, progress)
         rpc_timeout = (timeout_s + self.timeout_s) if wait and timeout_s else None
         if wait and not timeout_s:
             rpc_timeout = max(self.timeout_s, 120.0)
@@ -195,6 +205,32 @@ class DaemonClient:
             job=job, rank=rank if rank is not None else -1, all_ranks=rank is None, step=step,
             wait=wait, timeout_s=timeout_s), timeout_s=rpc_timeout)
         return PersistOutcome(r.step, r.done, r.error)
+
+    PROGRESS_POLL_S = 0.25
+
+    def _persist_reporting(self, job: str, rank: int | None, step: int, timeout_s: float,
+                           progress: Callable[[int, int], None]) -> PersistOutcome:
+        total = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist-rpc") as pool:
+            fut = pool.submit(self.persist, job, rank, step, True, timeout_s)
+            while True:
+                try:
+                    outcome = fut.result(timeout=self.PROGRESS_POLL_S)
+                    break
+                except FutureTimeout:
+                    pass
+                try:
+                    segments = self.status(timeout_s=self.PROGRESS_POLL_S * 4).segments
+                except CkptError:
+                    continue  # the Persist call itself will report a dead daemon
+                now = next((s for s in segments if s.job == job and s.persist_step >= 0
+                            and s.persist_total_bytes), None)
+                if now is not None and (step < 0 or now.persist_step == step):
+                    total = now.persist_total_bytes
+                    progress(now.persist_done_bytes, total)
+        if outcome.done and total:
+            progress(total, total)
+        return outcome
 
     def status(self, timeout_s: float | None = None) -> pb.StatusReply:
         """The daemon's StatusReply message (see ckpt.proto)."""

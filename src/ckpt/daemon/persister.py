@@ -29,6 +29,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ckpt.control.client import PersistOutcome
 from ckpt.daemon.registry import SegmentEntry, SegmentRegistry
@@ -75,7 +76,8 @@ class PersistTask:
 
 
 def write_step(persist_dir: str, step: int, world_size: int,
-               payloads: dict[int, tuple[memoryview, int]], keep: int) -> None:
+               payloads: dict[int, tuple[memoryview, int]], keep: int,
+               progress: Callable[[int, int], None] | None = None) -> None:
     """Write ``payloads`` ({rank: (view, payload_crc)}) of ``step`` with ckpt.format (§4).
 
     All ranks here: one ``persist_payloads`` call. Some ranks on other nodes: write ours
@@ -86,13 +88,22 @@ def write_step(persist_dir: str, step: int, world_size: int,
     keep_k = keep if keep > 0 else None
     if len(payloads) == world_size:
         fmt.persist_payloads(persist_dir, step, world_size,
-                             {r: v for r, (v, _) in payloads.items()}, keep=keep_k)
+                             {r: v for r, (v, _) in payloads.items()}, keep=keep_k,
+                             progress=progress)
         return
     from ckpt.storage.fs import FsStorage
 
     staging = FsStorage(persist_dir).begin_step(step)
+    total = sum(len(v) for v, _ in payloads.values())
+    base = 0
     for rank, (view, crc) in sorted(payloads.items()):
-        fmt.write_rank(staging, rank, world_size, view, expected_crc=crc)
+        def rank_progress(done: int, _total: int, base: int = base) -> None:
+            if progress is not None:
+                progress(base + done, total)
+
+        fmt.write_rank(staging, rank, world_size, view, expected_crc=crc,
+                       progress=rank_progress)
+        base += len(view)
     fmt.finish_if_complete(staging, world_size, keep=keep_k)
 
 
@@ -112,6 +123,7 @@ class SlotPersister:
         self._queued_periodic: dict[str, tuple[PersistTask, Future]] = {}
         self._dropped: set[int] = set()  # id() of superseded tasks still in the queue
         self._held_left: dict[int, tuple] = {}  # id(task) -> pins not yet released
+        self._progress: dict[str, tuple[int, int, int]] = {}  # job -> (step, done, total)
         self._buffers: dict[tuple[str, int], "mmap.mmap"] = {}  # (job, rank) -> staging buffer
         from ckpt import _C
 
@@ -122,6 +134,15 @@ class SlotPersister:
     def queued(self, job: str) -> int:
         with self._lock:
             return self._pending[job]
+
+    def progress(self, job: str) -> tuple[int, int, int] | None:
+        """(step, bytes_done, bytes_total) of the persist of ``job`` being written now."""
+        with self._lock:
+            return self._progress.get(job)
+
+    def _report(self, job: str, step: int, done: int, total: int) -> None:
+        with self._lock:
+            self._progress[job] = (step, done, total)
 
     def submit(self, task: PersistTask) -> Future:
         """Queue ``task``. A periodic task replaces the job's periodic task that is still
@@ -193,6 +214,7 @@ class SlotPersister:
                 if not dropped:
                     self._release(task)
                 with self._lock:
+                    self._progress.pop(task.job, None)
                     self._held_left.pop(id(task), None)
                     self._pending[task.job] -= 1
                     if self._pending[task.job] <= 0:
@@ -243,7 +265,10 @@ class SlotPersister:
                 payloads[entry.rank] = (view, info["payload_crc"])
             self._release(task)
             t_staged = time.monotonic()
-            write_step(config.persist_dir, task.step, config.world_size, payloads, config.keep)
+            total = sum(len(v) for v, _ in payloads.values())
+            self._report(task.job, task.step, 0, total)
+            write_step(config.persist_dir, task.step, config.world_size, payloads, config.keep,
+                       progress=lambda done, _t: self._report(task.job, task.step, done, total))
         except Exception as e:  # noqa: BLE001 - full disk, bad dir, overwritten slot
             return self._fail(task, entries, f"persist of job {task.job!r} step {task.step} "
                                              f"to {config.persist_dir} failed: "

@@ -24,7 +24,6 @@ import os
 import signal
 import stat
 import sys
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -145,8 +144,14 @@ def _check_no_live_daemon(socket_path: Path) -> None:
     socket_path.unlink()
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def serve(args: argparse.Namespace) -> int:
     from ckpt.daemon.service import DaemonCore  # after argument checks: fast --help
+
+    # Before any thread exists, so that every thread inherits the mask (see sigwait below).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
     socket_path = Path(args.socket) if args.socket else default_socket_path()
     socket_path = socket_path.absolute()
@@ -182,17 +187,16 @@ def serve(args: argparse.Namespace) -> int:
             core.close()
             raise ConfigError(f"cannot listen on TCP {args.listen_tcp} (in use or invalid)")
         servers.append(tcp_server)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     for s in servers:
         s.start()
     os.chmod(socket_path, 0o600)
     log.info("ckpt daemon pid %d listening on unix:%s%s", os.getpid(), socket_path,
              f" and tcp:{args.listen_tcp}" if args.listen_tcp else "")
-    while not stop.wait(3600):
-        pass
-    log.info("stopping (segments stay in /dev/shm)")
+    # SIGTERM/SIGINT are blocked in every thread (serve's first line), so they stay
+    # pending until this synchronous wait takes one. (A Python handler that sets an Event
+    # deadlocks when the signal lands while the main thread holds that Event's lock.)
+    sig = signal.sigwait(STOP_SIGNALS)
+    log.info("%s: stopping (segments stay in /dev/shm)", signal.Signals(sig).name)
     for s in servers:
         s.stop(grace=2.0).wait(5.0)
     core.close()

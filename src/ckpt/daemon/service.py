@@ -272,6 +272,11 @@ class DaemonCore:
 
     # -- Status -----------------------------------------------------------------------------
 
+    def _persist_progress(self, job: str) -> dict:
+        now = self.persister.progress(job)
+        step, done, total = now if now is not None else (-1, 0, 0)
+        return dict(persist_step=step, persist_done_bytes=done, persist_total_bytes=total)
+
     def status(self) -> dict:
         segments = []
         for e in sorted(self.registry.entries(), key=lambda e: (e.job, e.rank, e.generation)):
@@ -284,7 +289,8 @@ class DaemonCore:
                 owner_alive=pid_alive(e.owner_pid), slots=slots, size_bytes=e.size_bytes,
                 slot_bytes=e.slot_bytes, last_persisted_step=e.last_persisted_step,
                 persist_queue=self.persister.queued(e.job), errors=list(e.errors),
-                persist_dir=e.config.persist_dir, adopted=e.adopted, released=e.released))
+                persist_dir=e.config.persist_dir, adopted=e.adopted, released=e.released,
+                **self._persist_progress(e.job)))
         errors = (list(self.registry.problems) + list(self.problems)
                   + list(self.persister.failures) + list(self.persister.skipped))
         if self.watch.last_error is not None:

@@ -334,7 +334,13 @@ class Checkpointer:
         if step < 0:
             return
         if self.link.connected or self.config.start_daemon:
-            done, error = self.link.persist(step, self.config.persist_timeout_s)
+            from ckpt.progress import byte_progress, progress_shown
+
+            if progress_shown():
+                with byte_progress(f"persist step {step} (daemon)") as bar:
+                    done, error = self.link.persist(step, self.config.persist_timeout_s, bar)
+            else:
+                done, error = self.link.persist(step, self.config.persist_timeout_s)
             if done:
                 return
             log.warning("ckpt: the daemon did not persist step %d (%s); persisting in-process",

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ckpt.config import CheckpointerConfig
 from ckpt.errors import CkptError, DaemonUnavailableError
@@ -150,13 +150,15 @@ class DaemonLink:
                 self._mark_down(exc)
                 return None
 
-    def persist(self, step: int, timeout_s: float) -> tuple[bool, str]:
-        """Ask the daemon to persist this rank's ``step`` and wait; (done, error text)."""
+    def persist(self, step: int, timeout_s: float,
+                progress: Callable[[int, int], None] | None = None) -> tuple[bool, str]:
+        """Ask the daemon to persist this rank's ``step`` and wait; (done, error text).
+        ``progress(done_bytes, total_bytes)`` is called while the daemon writes."""
         with self._lock:
             try:
                 client = self._connect(force=True)  # the final persist is worth a retry
                 out = client.persist(self.cfg.job, rank=self.rank, step=step, wait=True,
-                                     timeout_s=timeout_s)
+                                     timeout_s=timeout_s, progress=progress)
             except CkptError as exc:
                 return False, str(exc)
             return out.done and not out.error, out.error
