@@ -272,3 +272,69 @@ def test_random_boxes_over_3d_pieces_match_numpy_slicing(tmp_path):
             shape = [int(rng.integers(1, n - o + 1)) for n, o in zip(full.shape, off)]
             box = tuple(slice(o, o + n) for o, n in zip(off, shape))
             np.testing.assert_array_equal(reader.read_slice("t", off, shape), full[box])
+
+
+def ddp_like_payloads(step: int = 3) -> tuple[dict[str, np.ndarray], dict[int, memoryview]]:
+    """Two ranks holding the same weights (as under DDP) and different RNG states."""
+    rng = np.random.default_rng(5)
+    shared = {"model/w": rng.standard_normal((256, 64)).astype(np.float32),
+              "optim/exp_avg": rng.standard_normal((256, 64)).astype(np.float32)}
+    payloads = {}
+    for rank in range(2):
+        arrays = {n: ArrayPiece(a.copy()) for n, a in shared.items()}
+        arrays["rng/torch"] = ArrayPiece(np.full(100, rank, np.uint8))
+        payloads[rank] = memoryview(pack_payload(arrays, rank=rank, world_size=2, step=step,
+                                                 state=STATE, chunk_bytes=CHUNK)[0])
+    return shared, payloads
+
+
+def test_a_tensor_every_rank_holds_identically_is_written_once(tmp_path):
+    shared, payloads = ddp_like_payloads()
+    step_dir = persist_payloads(tmp_path, 3, 2, payloads)
+    data0 = (step_dir / "rank-00000.data").stat().st_size
+    data1 = (step_dir / "rank-00001.data").stat().st_size
+    assert data0 > 100_000 and data1 < 4096  # rank 1 wrote only its RNG state
+    with StepReader(step_dir) as reader:
+        files = {(p.rank, p.name): p.file for p in reader.tensors()}
+        assert files[(1, "model/w")] == files[(1, "optim/exp_avg")] == "rank-00000.data"
+        assert files[(1, "rng/torch")] == "rank-00001.data"
+        for rank in range(2):
+            for name, want in shared.items():
+                out = np.empty_like(want)
+                reader.read_tensor_into(name, rank, out)
+                assert np.array_equal(out, want), (rank, name)
+            rng_state = np.empty(100, np.uint8)
+            reader.read_tensor_into("rng/torch", rank, rng_state)
+            assert (rng_state == rank).all()
+    report = verify(step_dir)
+    assert report.ok and report.raw_bytes_checked == 2 * 256 * 64 * 4 + 2 * 100
+
+
+def test_damage_in_a_shared_chunk_is_named_once_and_never_read_for_any_rank(tmp_path):
+    shared, payloads = ddp_like_payloads()
+    step_dir = persist_payloads(tmp_path, 3, 2, payloads)
+    with open(step_dir / "rank-00000.data", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x40]))
+    report = verify(step_dir)
+    assert len(report.damage) == 1 and report.damage[0].file.endswith("rank-00000.data")
+    with StepReader(step_dir) as reader:
+        for rank in range(2):
+            with pytest.raises(CorruptChunkError, match="rank-00000.data"):
+                reader.read_tensor_into("model/w", rank, np.empty((256, 64), np.float32))
+
+
+def test_same_name_and_checksums_but_different_bytes_are_not_shared():
+    from ckpt.format.replicas import ReplicaIndex
+
+    index = ReplicaIndex()
+    a = memoryview(bytes(range(256)) * 64)
+    b = bytearray(a)
+    b[-1] ^= 1
+    key = ("model/w", "float32", (4096,), (4096,), (), 16384, 4096, (1, 2, 3, 4))
+    index.add(key, {"file": "rank-00000.data"}, a)
+    assert index.find(key, memoryview(b)) is None  # the bytes decide, not the crcs
+    assert index.find(key, memoryview(bytes(a))) == {"file": "rank-00000.data"}
+    assert index.bytes_deduplicated == len(a)

@@ -96,13 +96,14 @@ def write_step(persist_dir: str, step: int, world_size: int,
     staging = FsStorage(persist_dir).begin_step(step)
     total = sum(len(v) for v, _ in payloads.values())
     base = 0
+    replicas = fmt.ReplicaIndex()  # a tensor several local ranks hold is written once
     for rank, (view, crc) in sorted(payloads.items()):
         def rank_progress(done: int, _total: int, base: int = base) -> None:
             if progress is not None:
                 progress(base + done, total)
 
         fmt.write_rank(staging, rank, world_size, view, expected_crc=crc,
-                       progress=rank_progress)
+                       progress=rank_progress, replicas=replicas)
         base += len(view)
     fmt.finish_if_complete(staging, world_size, keep=keep_k)
 

@@ -5,5 +5,6 @@ write; ``StepReader`` reads; ``verify`` checks every chunk.
 """
 
 from ckpt.format.reader import StepReader, TensorPiece  # noqa: F401
+from ckpt.format.replicas import ReplicaIndex  # noqa: F401
 from ckpt.format.verify import VerifyReport, verify  # noqa: F401
 from ckpt.format.writer import finish_if_complete, persist_payloads, write_rank  # noqa: F401

@@ -45,22 +45,26 @@ def verify(path: str | os.PathLike[str],
     ``progress(raw_bytes_done, raw_bytes_total)`` is called after each chunk.
     """
     with StepReader(path) as reader:
-        pieces = reader.tensors()
-        total = sum(p.raw_bytes for p in pieces)
+        # A chunk that several ranks' rows point at (a tensor written once for all the
+        # ranks holding it, ckpt.format.replicas) is read and counted once.
+        work: dict[tuple[str, int], tuple] = {}
+        for piece in reader.tensors():
+            for chunk in piece.chunks:
+                work.setdefault((piece.file, chunk.stored_offset), (piece, chunk))
+        total = sum(chunk.raw_bytes for _, chunk in work.values())
         done = 0
         checked = 0
         damage: list[ChunkDamage] = []
-        for piece in pieces:
-            for chunk in piece.chunks:
-                try:
-                    reader.read_chunk(piece, chunk)
-                except CorruptChunkError as exc:
-                    damage.append(ChunkDamage(str(reader.path / piece.file), piece.name,
-                                              chunk.index, str(exc)))
-                checked += 1
-                done += chunk.raw_bytes
-                if progress is not None:
-                    progress(done, total)
+        for piece, chunk in work.values():
+            try:
+                reader.read_chunk(piece, chunk)
+            except CorruptChunkError as exc:
+                damage.append(ChunkDamage(str(reader.path / piece.file), piece.name,
+                                          chunk.index, str(exc)))
+            checked += 1
+            done += chunk.raw_bytes
+            if progress is not None:
+                progress(done, total)
         return VerifyReport(reader.path, reader.step, reader.world_size, checked, done,
                             reader.bytes_read, tuple(damage))
 

@@ -33,6 +33,7 @@ import zstandard
 from ckpt import _C
 from ckpt.errors import ConfigError, CorruptChunkError
 from ckpt.format.metadata import build_manifest, build_table_bytes
+from ckpt.format.replicas import ReplicaIndex
 from ckpt.snapshot.layout import PayloadLayout, read_payload
 from ckpt.storage.fs import (FsStorage, _write_synced, full_error, is_full_error,
                              parse_step_dirname)
@@ -225,11 +226,13 @@ def _check_meta(meta: dict[str, Any], rank: int, world_size: int, step: int | No
 
 def _write_chunks(out: _SyncedFile, view: memoryview, layout: PayloadLayout,
                   data_offset: int, crcs: Any, level: int, threads: int,
-                  progress: ProgressFn | None, where: str) -> list[dict[str, Any]]:
+                  progress: ProgressFn | None, where: str,
+                  reuse: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     """Encode chunks in a pool, write them in order; returns one row dict per tensor.
 
     The window of chunks in flight spans tensors, so a model of many tensors of
-    one chunk each is encoded as much in parallel as one big tensor.
+    one chunk each is encoded as much in parallel as one big tensor. Tensor ``ti`` in
+    ``reuse`` is not written: its row is ``reuse[ti]`` (chunks of another rank's file).
     """
     encoder = _ChunkEncoder(level)
     total = layout.data_bytes
@@ -250,6 +253,9 @@ def _write_chunks(out: _SyncedFile, view: memoryview, layout: PayloadLayout,
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-persist") as pool:
         for ti, t in enumerate(layout.tensors):
+            if ti in reuse:
+                done += t.spec.nbytes
+                continue
             for j in range(t.num_chunks):
                 start, n = t.chunk_range(j, layout.chunk_bytes)
                 crc = int(crcs[t.first_chunk + j])
@@ -261,7 +267,10 @@ def _write_chunks(out: _SyncedFile, view: memoryview, layout: PayloadLayout,
         while pending:
             drain_one()
     rows = []
-    for t, cs in zip(layout.tensors, chunks):
+    for ti, (t, cs) in enumerate(zip(layout.tensors, chunks)):
+        if ti in reuse:
+            rows.append(dict(reuse[ti]))
+            continue
         spec = t.spec
         codecs = [c[2] for c in cs]
         rows.append({
@@ -271,15 +280,20 @@ def _write_chunks(out: _SyncedFile, view: memoryview, layout: PayloadLayout,
             "raw_bytes": spec.nbytes, "compression": "zstd" if "zstd" in codecs else "none",
             "first_chunk": t.first_chunk, "chunk_raw_bytes": layout.chunk_bytes,
             "chunk_stored_offsets": [c[0] for c in cs], "chunk_stored_bytes": [c[1] for c in cs],
-            "chunk_compression": codecs, "chunk_crc32c": [c[3] for c in cs],
+            "chunk_compression": codecs, "chunk_crc32c": [c[3] for c in cs], "file": None,
         })
     return rows
 
 
 def write_rank(step_dir_staging: str | os.PathLike[str], rank: int, world_size: int,
                payload_view: memoryview, *, level: int = DEFAULT_ZSTD_LEVEL, threads: int = 2,
-               progress: ProgressFn | None = None, expected_crc: int | None = None) -> list[Path]:
+               progress: ProgressFn | None = None, expected_crc: int | None = None,
+               replicas: ReplicaIndex | None = None) -> list[Path]:
     """Write one rank's payload into a staging step dir, fsync it, and mark the rank done.
+
+    ``replicas``: shared by the calls that write the ranks of one step in this process;
+    a tensor identical to one already written there is recorded as a pointer to it
+    instead of being written again (``ckpt.format.replicas``).
 
     ``payload_view`` is a sealed slot's payload (§3), held (read-locked) by the
     caller until this returns. ``expected_crc`` is the slot header's
@@ -308,24 +322,38 @@ def write_rank(step_dir_staging: str | os.PathLike[str], rank: int, world_size: 
     data_tmp = data_path.with_name(data_path.name + suffix)
     table_tmp = table_path.with_name(table_path.name + suffix)
     data_offset = layout.data_offset(_meta_bytes(payload_view))
+    keys, raws, reuse = [], [], {}
+    if replicas is not None:
+        for ti, t in enumerate(layout.tensors):
+            raw = payload_view[data_offset + t.data_offset:data_offset + t.data_offset
+                               + t.spec.nbytes]
+            keys.append(ReplicaIndex.key(
+                t.spec, layout.chunk_bytes, crcs[t.first_chunk:t.first_chunk + t.num_chunks]))
+            raws.append(raw)
+            row = replicas.find(keys[-1], raw) if t.spec.nbytes else None
+            if row is not None:
+                reuse[ti] = row
     out = _SyncedFile(data_tmp, layout.data_bytes, display_path=data_path)
     try:
         try:
             rows = _write_chunks(out, payload_view, layout, data_offset, crcs, level, threads,
-                                 progress, str(data_path))
+                                 progress, str(data_path), reuse)
         except BaseException:
             out.close(sync=False)
             raise
         out.close(sync=True)
         for row in rows:
             row["rank"] = rank
-            row["file"] = data_path.name
+            row["file"] = row["file"] or data_path.name
         table_meta = {k: v for k, v in meta.items() if k not in ("state", "tensors")}
         table_meta["zstd_level"] = level
         blob = build_table_bytes(rows, meta.get("state"), table_meta)
         _write_synced(table_tmp, blob, os.O_TRUNC)
         os.rename(data_tmp, data_path)
         os.rename(table_tmp, table_path)
+        if replicas is not None:
+            for key, row, raw in zip(keys, rows, raws):
+                replicas.add(key, row, raw)
         FsStorage(staging.parent.parent).mark_rank_done(step, rank, {
             "rank": rank, "world_size": world_size, "step": step,
             "meta": table_path.name, "meta_crc32c": _C.crc32c(blob),
@@ -393,10 +421,11 @@ def persist_payloads(root: str | os.PathLike[str], step: int, world_size: int,
         if progress is not None:
             progress(base + done_bytes, total)
 
+    replicas = ReplicaIndex()
     try:
         for rank in sorted(payloads):
             write_rank(staging, rank, world_size, payloads[rank], level=level, threads=threads,
-                       progress=rank_progress)
+                       progress=rank_progress, replicas=replicas)
             base += read_payload(payloads[rank])[0].data_bytes
         final = finish_if_complete(staging, world_size, keep=keep)
     except BaseException:
