@@ -142,6 +142,38 @@ def test_ranks_of_one_job_on_this_node_go_into_one_step_dir(daemon, job, tmp_pat
         t.close()
 
 
+def test_ranks_on_two_nodes_persist_every_step_through_their_own_daemons(tmp_path, job,
+                                                                          slow_disk):
+    # Two daemons stand for two nodes; each holds one rank of a 2-rank job. Each writes its
+    # rank into the shared dir, and whichever finishes second commits the step. The disk
+    # is slower than persist_every: a single-node job would skip a step, but here a step
+    # one node skipped could never complete, so neither skips.
+    for n in (0, 1):
+        (tmp_path / f"node{n}").mkdir()
+    nodes = [start_daemon(tmp_path / f"node{n}") for n in (0, 1)]
+    try:
+        out = tmp_path / "shared-ckpts"
+        ranks = [Trainer(nodes[r][2], job, rank=r, world_size=2, persist_dir=out,
+                         persist_every=2, keep=2) for r in (0, 1)]
+        for step in range(1, 7):
+            for r, t in enumerate(ranks):
+                t.snapshot(step, make_payload(step, r, 2, job))
+        wait_until(lambda: complete_steps(out) == [4, 6], timeout_s=30,
+                   what="steps 4 and 6 complete (step 2 dropped by keep=2)")
+        assert all(client.status().errors == [] for _, _, client in nodes)
+        for step in (4, 6):
+            manifest = json.loads((out / f"step-{step:08d}" / "manifest.json").read_text())
+            assert sorted(manifest["ranks"]) == ["0", "1"]
+            assert verify(out / f"step-{step:08d}").ok
+        for t in ranks:
+            t.close()
+    finally:
+        for core, server, client in nodes:
+            client.close()
+            server.stop(0).wait(2)
+            core.close()
+
+
 def test_persist_with_wait_writes_the_newest_step_now(daemon, job, tmp_path):
     _, client = daemon
     out = tmp_path / "ckpts"

@@ -6,9 +6,12 @@ daemon pins them at Commit), so a persist that waits behind a slow one still fin
 the worker copies each into a private, pre-faulted staging buffer (made while idle for every
 segment with a persist_dir, kept per (job, rank)), unpins, and hands the copies to
 ``ckpt.format`` (one step dir for the ranks of the job on this node; the multi-writer path
-when the job has ranks elsewhere). A periodic request replaces the job's periodic request
-still queued, which is then skipped with a warning (the disk cannot keep up with
-persist_every), so no more than one slot per segment waits pinned. A failure (full disk, bad
+when the job has ranks elsewhere). A supersedable request (a persist_every step of a job
+whose ranks are all on this node) replaces the job's supersedable request still queued,
+which is then skipped with a warning (the disk cannot keep up with persist_every), so no
+more than one slot per segment waits pinned. A job with ranks on other nodes never skips:
+every node must persist the same steps, or none of them completes (a third persist step
+cannot queue up while two wait: with both slots pinned the trainer skips snapshots). A failure (full disk, bad
 dir, a slot overwritten before it could be read) is recorded on the segments, logged, and
 returned to whoever waits; it never stops the worker or the daemon.
 
@@ -64,15 +67,16 @@ class PersistTask:
 
     ``held``: (entry, slot, slot_info) of slots the submitter already pinned (read lock),
     so that the trainer cannot overwrite them while the task waits in the queue; the
-    persister unpins each once it has staged it (or drops the task). ``periodic``: a
-    persist_every step; a newer periodic task of the same job supersedes one still queued.
+    persister unpins each once it has staged it (or drops the task). ``supersedable``: a
+    newer supersedable task of the same job replaces this one while it is still queued
+    (only for jobs whose ranks are all on this node; see the module docstring).
     """
 
     job: str
     step: int
     ranks: tuple[int, ...]
     held: tuple = field(default=(), compare=False)
-    periodic: bool = False
+    supersedable: bool = False
 
 
 def write_step(persist_dir: str, step: int, world_size: int,
@@ -121,7 +125,7 @@ class SlotPersister:
         self._stop = threading.Event()
         self.failures: collections.deque = collections.deque(maxlen=20)
         self.skipped: collections.deque = collections.deque(maxlen=20)
-        self._queued_periodic: dict[str, tuple[PersistTask, Future]] = {}
+        self._queued_supersedable: dict[str, tuple[PersistTask, Future]] = {}
         self._dropped: set[int] = set()  # id() of superseded tasks still in the queue
         self._held_left: dict[int, tuple] = {}  # id(task) -> pins not yet released
         self._progress: dict[str, tuple[int, int, int]] = {}  # job -> (step, done, total)
@@ -146,7 +150,7 @@ class SlotPersister:
             self._progress[job] = (step, done, total)
 
     def submit(self, task: PersistTask) -> Future:
-        """Queue ``task``. A periodic task replaces the job's periodic task that is still
+        """Queue ``task``. A supersedable task replaces the job's supersedable task still
         queued (not started): that one is dropped, its pins released and its Future
         resolved as skipped, so that at most one queued task per job holds slots (with
         both of a segment's slots pinned, the trainer would have to skip snapshots)."""
@@ -154,9 +158,9 @@ class SlotPersister:
         superseded = None
         with self._lock:
             self._pending[task.job] += 1
-            if task.periodic:
-                superseded = self._queued_periodic.pop(task.job, None)
-                self._queued_periodic[task.job] = (task, fut)
+            if task.supersedable:
+                superseded = self._queued_supersedable.pop(task.job, None)
+                self._queued_supersedable[task.job] = (task, fut)
         if superseded is not None:
             old, old_fut = superseded
             self._dropped.add(id(old))
@@ -196,8 +200,8 @@ class SlotPersister:
                 break
             task, fut = item
             with self._lock:
-                if self._queued_periodic.get(task.job, (None,))[0] is task:
-                    del self._queued_periodic[task.job]
+                if self._queued_supersedable.get(task.job, (None,))[0] is task:
+                    del self._queued_supersedable[task.job]
                 dropped = id(task) in self._dropped
                 self._dropped.discard(id(task))
             outcome = None

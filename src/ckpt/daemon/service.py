@@ -122,8 +122,11 @@ class DaemonCore:
             return False
         del self._pending_step[job]
         ranks = tuple(e.rank for e in entries)
+        # Skipping a step when the disk falls behind is safe only when no other node must
+        # persist the same step for it to complete.
+        all_local = len(ranks) == entries[0].config.world_size
         self.persister.submit(PersistTask(job, step, ranks, held=self._pin_step(job, step, ranks),
-                                          periodic=True))
+                                          supersedable=all_local))
         return True
 
     def _pin_step(self, job: str, step: int, ranks: tuple[int, ...]) -> tuple:
