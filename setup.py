@@ -3,10 +3,14 @@
 * ``ckpt._C`` (always): crc32c, the copy engine and shm segments, C++17, -O3.
   No global ``-march``: SIMD paths carry per-function target attributes and are
   chosen at run time, so one wheel runs on every x86-64.
+* ``ckpt._ec`` (always): the Reed-Solomon codec (csrc/ec). Its SIMD kernel files
+  carry target pragmas and are chosen at run time from cpuid. ``CKPT_EC_NO_TABLE_SIMD=1``
+  leaves out the table-lookup (PSHUFB: ssse3, avx2, avx512) kernels entirely.
 * ``ckpt._C_cuda`` (when ``nvcc`` is found via ``$CUDA_HOME``, ``PATH`` or
   ``/usr/local/cuda*``; ``CKPT_NO_CUDA=1`` skips it): ``csrc/*.cu`` compiled by
   nvcc for sm_80 and sm_90 plus PTX, linked against the static cudart so that
-  importing it needs no GPU and no driver.
+  importing it needs no GPU and no driver. ``ckpt._ec_cuda`` likewise, from
+  ``csrc/ec/ec_cuda.cu``: the codec's kernel for shards already on a GPU.
 
 No torch at build time: the extensions take raw pointers and stream handles.
 """
@@ -55,6 +59,7 @@ def find_cuda() -> tuple[str, str] | None:
     return nvcc, root
 
 
+EC_NO_TABLE_SIMD = os.environ.get("CKPT_EC_NO_TABLE_SIMD", "") not in ("", "0")
 COMMON_ARGS = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
 
 ext_modules = [
@@ -71,7 +76,28 @@ ext_modules = [
         extra_compile_args=COMMON_ARGS,
         extra_link_args=["-pthread"],
         libraries=["rt"],
-    )
+    ),
+    Pybind11Extension(
+        "ckpt._ec",
+        sources=[
+            "csrc/ec/ec_bindings.cc",
+            "csrc/ec/gf.cc",
+            "csrc/ec/cpu.cc",
+            "csrc/ec/plan.cc",
+            "csrc/ec/pool.cc",
+            "csrc/ec/kernels_scalar.cc",
+            "csrc/ec/kernels_ssse3.cc",
+            "csrc/ec/kernels_avx2.cc",
+            "csrc/ec/kernels_avx512.cc",
+            "csrc/ec/kernels_gfni.cc",
+        ],
+        include_dirs=[CSRC],
+        cxx_std=17,
+        extra_compile_args=list(COMMON_ARGS),  # Pybind11Extension appends to the list it gets
+        extra_link_args=["-pthread"],
+        define_macros=[("CKPT_EC_NO_TABLE_SIMD", "1")] if EC_NO_TABLE_SIMD else [],
+        depends=glob.glob(os.path.join("csrc", "ec", "*.h")) + glob.glob(os.path.join("csrc", "ec", "*.inc")),
+    ),
 ]
 
 CUDA = find_cuda()
@@ -95,6 +121,25 @@ if CUDA:
             optional=True,
         )
     )
+    ext_modules.append(
+        Pybind11Extension(
+            "ckpt._ec_cuda",
+            sources=["csrc/ec/ec_cuda_bindings.cc"],
+            include_dirs=[CSRC],
+            cxx_std=17,
+            extra_compile_args=list(COMMON_ARGS),
+            library_dirs=lib_dirs,
+            libraries=["cudart_static", "dl", "rt"],
+            extra_link_args=["-pthread"],
+            optional=True,
+        )
+    )
+
+# The .cu files nvcc compiles for each CUDA extension.
+CUDA_SOURCES = {
+    "ckpt._C_cuda": lambda: sorted(glob.glob(os.path.join("csrc", "*.cu"))),
+    "ckpt._ec_cuda": lambda: [os.path.join("csrc", "ec", "ec_cuda.cu")],
+}
 
 
 class BuildExt(build_ext):
@@ -114,7 +159,7 @@ class BuildExt(build_ext):
         return outfile, True
 
     def build_extension(self, ext):
-        if ext.name == "ckpt._C_cuda":
+        if ext.name in CUDA_SOURCES:
             ext.extra_objects = self._compile_cuda(ext)
         super().build_extension(ext)
 
@@ -126,9 +171,9 @@ class BuildExt(build_ext):
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         gencode += ["-gencode", f"arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]  # PTX
         objects = []
-        for src in sorted(glob.glob(os.path.join("csrc", "*.cu"))):
+        for src in CUDA_SOURCES[ext.name]():
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            deps = [src] + glob.glob(os.path.join("csrc", "*.h"))
+            deps = [src] + glob.glob(os.path.join(os.path.dirname(src), "*.h"))
             if not self.force and os.path.exists(obj) and all(
                 os.path.getmtime(obj) >= os.path.getmtime(d) for d in deps
             ):

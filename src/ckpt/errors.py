@@ -59,3 +59,14 @@ class DaemonAuthError(CkptError, PermissionError):
 
 class StorageFullError(CkptError, OSError):
     """The filesystem ran out of space (or a file-size limit) while writing a checkpoint."""
+
+
+class CodecError(CkptError, ValueError):
+    """The erasure codec was given shards or a matrix it cannot use (unequal lengths,
+    too few survivors, k + m > 256, a matrix that is not MDS, a read-only output)."""
+
+
+class StageRebuildError(CkptError, ValueError):
+    """CheckFree cannot rebuild a lost pipeline stage: an edge stage without CheckFree+,
+    two adjacent stages lost together, a neighbour that is not available, or neighbours
+    whose state dicts differ in keys, shapes or dtypes."""
