@@ -131,12 +131,12 @@ class CkptRun:
     before and after ckpt's own).
     """
 
-    def __init__(self, model, optimizer, workdir: Path, yield_cores: bool = False) -> None:
+    def __init__(self, model, optimizer, workdir: Path, **options) -> None:
         self.model, self.optimizer = model, optimizer
         self.timer = PreHookTimer(optimizer)
         self.cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", every=1,
                                     persist_every=0, daemon_socket=workdir / "daemon.sock",
-                                    job=JOB, yield_cores=yield_cores)
+                                    job=JOB, **options)
         self.timer.arm_end(optimizer)
         self.cp.restore()
         self.next_step = 0
@@ -165,9 +165,9 @@ class CkptRun:
 
 
 def interleaved(model, optimizer, x, y, workdir: Path, steps: int, rounds: int,
-                yield_cores: bool = False) -> tuple[dict, dict, "ckpt.Checkpointer"]:
+                options: dict) -> tuple[dict, dict, "ckpt.Checkpointer"]:
     """none and ckpt in alternating blocks, so machine drift hits both alike."""
-    run = CkptRun(model, optimizer, workdir, yield_cores)
+    run = CkptRun(model, optimizer, workdir, **options)
     run.run(x, y, 2)  # warm-up: registers the segment, maps it, first copies
     none_t: list[float] = []
     ckpt_t: list[float] = []
@@ -308,6 +308,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--yield-cores", action="store_true",
                    help="Checkpointer(yield_cores=True): torch lends the copy its core")
+    p.add_argument("--copy-nice", type=int, default=0,
+                   help="Checkpointer(copy_nice=N): the copy workers' priority, 0..19")
     p.add_argument("--skip", default="", help="comma-separated modes to skip")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
@@ -319,8 +321,9 @@ def main() -> int:
     tensors = state_tensors(model, optimizer)
     t_copy, state_bytes = measure_copy_s(tensors)
     results: dict[str, dict] = {}
+    options = dict(yield_cores=args.yield_cores, copy_nice=args.copy_nice)
     results["none"], results["ckpt"], cp = interleaved(model, optimizer, x, y, workdir,
-                                                       args.steps, args.rounds, args.yield_cores)
+                                                       args.steps, args.rounds, options)
     if "dcp_async" not in skip:
         results["dcp_async"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir)
     if "dcp_async_shm" not in skip:
@@ -361,7 +364,7 @@ def main() -> int:
     print(f"persist: {restore['persist_gbps']:.2f} GB/s vs dd oflag=direct {dd_gbps:.2f} GB/s "
           f"({restore['persist_gbps'] / dd_gbps:.0%})")
     record = {
-        "bench": "snapshot_stall", "machine": platform.node(), "cpu_cores": cores,
+        "bench": "snapshot_stall", "ckpt_options": options, "machine": platform.node(), "cpu_cores": cores,
         "python": platform.python_version(), "torch": torch.__version__, "ckpt": ckpt.__version__,
         "state_bytes": state_bytes, "steps": args.steps, "t_copy_s": t_copy, "floor": floor,
         "throughput_loss_vs_floor": loss_ckpt / loss_floor, "modes": results, "restore": restore,

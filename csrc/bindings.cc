@@ -181,8 +181,11 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("bytes_total", &CopyTicket::bytes_total);
 
   py::class_<EngineHandle>(m, "CopyEngine", "Persistent pool of copy workers. Thread-safe.")
-      .def(py::init([](int threads) { return EngineHandle{std::make_shared<CopyEngine>(threads)}; }),
-           py::arg("threads"))
+      .def(py::init([](int threads, int nice) {
+             return EngineHandle{std::make_shared<CopyEngine>(threads, nice)};
+           }),
+           py::arg("threads"), py::arg("nice") = 0,
+           "threads workers; nice 0..19 lowers their priority (Linux, per thread).")
       .def(
           "submit",
           [](EngineHandle& h, py::handle jobs, py::handle chunk_bytes, py::handle crc_out_addr) {

@@ -1,5 +1,9 @@
 #include "copy_engine.h"
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstring>
 
@@ -64,12 +68,21 @@ bool CopyTicket::done() const {
   return batch_->done;
 }
 
-CopyEngine::CopyEngine(int threads) : threads_(threads) {
+CopyEngine::CopyEngine(int threads, int nice) : threads_(threads) {
   if (threads < 1 || threads > 1024)
     throw NativeErrorCpp("CopyEngine(threads=" + std::to_string(threads) +
                          "): threads must be between 1 and 1024");
+  if (nice < 0 || nice > 19)
+    throw NativeErrorCpp("CopyEngine(nice=" + std::to_string(nice) +
+                         "): nice must be between 0 (normal) and 19 (lowest priority)");
   workers_.reserve(threads);
-  for (int i = 0; i < threads; i++) workers_.emplace_back([this] { worker_loop(); });
+  for (int i = 0; i < threads; i++)
+    workers_.emplace_back([this, nice] {
+      // Linux: a thread's nice value is per thread (its tid). Best effort: a failure
+      // leaves the worker at normal priority.
+      if (nice > 0) (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
+      worker_loop();
+    });
 }
 
 CopyEngine::~CopyEngine() { close(); }

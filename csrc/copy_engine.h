@@ -68,7 +68,8 @@ class CopyTicket {
 
 class CopyEngine {
  public:
-  explicit CopyEngine(int threads);
+  // nice: the workers' priority (0 normal .. 19 lowest); they yield to training threads.
+  explicit CopyEngine(int threads, int nice = 0);
   ~CopyEngine();
   CopyEngine(const CopyEngine&) = delete;
   CopyEngine& operator=(const CopyEngine&) = delete;

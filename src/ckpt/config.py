@@ -54,6 +54,12 @@ class CheckpointerConfig:
     """Unit of checksumming and compression; each tensor is cut into chunks of this size."""
     copy_threads: int = 1
     """Threads of the CPU copy engine."""
+    copy_nice: int = 0
+    """Priority of the CPU copy engine's workers, 0 (normal) to 19 (lowest): with a high
+    value the copy runs when training threads leave a core idle and yields the moment
+    they want it, instead of preempting one of them mid-parallel-region (which stalls
+    every other thread at the region's barrier). Numerics are untouched; a copy that has
+    not finished when the optimizer steps makes that step wait for it."""
     yield_cores: bool = False
     """While a CPU copy runs, give its cores up: torch runs with ``copy_threads`` fewer
     intra-op threads until the copy is done (checked at every module call), so the copy
@@ -84,6 +90,10 @@ class CheckpointerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.copy_nice, int) or isinstance(self.copy_nice, bool) \
+                or not 0 <= self.copy_nice <= 19:
+            raise ConfigError(f"copy_nice must be an int in [0, 19] (0 = normal priority, "
+                              f"19 = lowest), got {self.copy_nice!r}")
         for name in ("persist_every", "keep"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

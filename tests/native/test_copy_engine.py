@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -166,3 +170,31 @@ def test_verified_copy_refuses_missing_crc_arrays() -> None:
     a, b = np.zeros(16, dtype=np.uint8), np.zeros(16, dtype=np.uint8)
     with _C.CopyEngine(1) as engine, pytest.raises(_C.NativeError, match="must not be 0"):
         engine.verified_copy([(a.ctypes.data, b.ctypes.data, 16)], 4096, 0, 0)
+
+
+def _nice_of_threads_created_by(make) -> tuple[object, set[int]]:
+    before = set(os.listdir("/proc/self/task"))
+    obj = make()
+    time.sleep(0.1)  # the workers set their priority as they start
+    new = set(os.listdir("/proc/self/task")) - before
+    return obj, {os.getpriority(os.PRIO_PROCESS, int(t)) for t in new}
+
+
+def test_workers_run_at_the_requested_nice_value_and_the_caller_keeps_its_own() -> None:
+    engine, nices = _nice_of_threads_created_by(lambda: _C.CopyEngine(2, nice=15))
+    assert nices == {15}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+    src = np.arange(1 << 16, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    engine.submit([(src.ctypes.data, dst.ctypes.data, src.nbytes)], 4096, 0).wait(None)
+    assert np.array_equal(src, dst)
+    engine.close()
+    engine, nices = _nice_of_threads_created_by(lambda: _C.CopyEngine(1))
+    assert nices == {0}
+    engine.close()
+
+
+@pytest.mark.parametrize("nice", [-1, 20])
+def test_nice_outside_0_to_19_is_refused(nice: int) -> None:
+    with pytest.raises(_C.NativeError, match="nice must be between 0"):
+        _C.CopyEngine(1, nice=nice)

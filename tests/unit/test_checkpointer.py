@@ -218,3 +218,5 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
         Checkpointer(model, make_optim(model), dir=tmp_path, extra={"x": object()})
     with pytest.raises(ConfigError, match="job id"):
         Checkpointer(model, make_optim(model), dir=tmp_path, job="bad/job")
+    with pytest.raises(ConfigError, match=r"copy_nice must be an int in \[0, 19\]"):
+        Checkpointer(model, make_optim(model), dir=tmp_path, copy_nice=20)

@@ -95,7 +95,7 @@ class Checkpointer:
         self.extras = check_extras(extra)
         self.process_group = process_group
         self.rank, self.world_size = _rank_and_world(process_group)
-        self.engine = _C.CopyEngine(self.config.copy_threads)
+        self.engine = _C.CopyEngine(self.config.copy_threads, self.config.copy_nice)
         self.link = DaemonLink(self.config, self.rank, self.world_size)
         self._segment: Any = None
         self._stager: SlotStager | None = None
