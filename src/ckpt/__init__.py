@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from ckpt.hook.checkpointer import Checkpointer
 
         return Checkpointer
+    if name == "PipelinePosition":
+        from ckpt.recovery.checkfree.position import PipelinePosition
+
+        return PipelinePosition
     raise AttributeError(f"module 'ckpt' has no attribute {name!r}")

@@ -50,7 +50,7 @@ def _die() -> None:
     time.sleep(10)  # never reached: SIGKILL cannot be caught
 
 
-def _init_process_group() -> None:
+def init_gloo_under_torchrun() -> None:
     """gloo under torchrun, with a store namespace per restart.
 
     After an elastic restart, torch 2.13's agent store still holds the previous
@@ -76,7 +76,7 @@ def _setup_parallel(model, parallel: str):
 
     if parallel == "none" or "WORLD_SIZE" not in os.environ:
         return model, 0, 1
-    _init_process_group()
+    init_gloo_under_torchrun()
     rank, world = dist.get_rank(), dist.get_world_size()
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -32,6 +32,10 @@ from ckpt.hook.committer import CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
 from ckpt.hook.segments import acquire_segment
 from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
+from ckpt.recovery.checkfree.gradnorm import gradient_norm
+from ckpt.recovery.checkfree.position import PipelinePosition
+from ckpt.recovery.restore import RestoreOutcome
+from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY
 from ckpt.snapshot.geometry import geometries
 from ckpt.snapshot.layout import slot_bytes_for
 from ckpt.snapshot.stager import PendingSnapshot, SlotStager, SlotTooSmallError, plan_snapshot, \
@@ -76,7 +80,7 @@ class Checkpointer:
                  daemon_socket: str | os.PathLike[str] | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, copy_threads: int = 1,
                  process_group: Any = None, start_daemon: bool = True,
-                 **options: Any) -> None:
+                 pipeline: PipelinePosition | None = None, **options: Any) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -84,6 +88,9 @@ class Checkpointer:
                               f"{type(optimizer).__name__}")
         if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
             raise ConfigError("scheduler must have state_dict() and load_state_dict()")
+        if pipeline is not None and not isinstance(pipeline, PipelinePosition):
+            raise ConfigError(f"pipeline must be a ckpt.PipelinePosition, got "
+                              f"{type(pipeline).__name__}")
         self.config = CheckpointerConfig(
             dir=Path(dir), every=every, persist_every=persist_every, keep=keep, job=job or "",
             daemon_socket=Path(daemon_socket) if daemon_socket else None,
@@ -95,6 +102,13 @@ class Checkpointer:
         self.extras = check_extras(extra)
         self.process_group = process_group
         self.rank, self.world_size = _rank_and_world(process_group)
+        self.pipeline = pipeline
+        if pipeline is not None and pipeline.rank_of(pipeline.stage) != self.rank:
+            raise ConfigError(f"PipelinePosition says stage {pipeline.stage} is rank "
+                              f"{pipeline.rank_of(pipeline.stage)}, but this process is rank "
+                              f"{self.rank} of its group (world size {self.world_size})")
+        self._grad_norm: float | None = None  # this stage's last post-clipping gradient norm
+        self.last_restore: RestoreOutcome | None = None
         self.engine = _C.CopyEngine(self.config.copy_threads, self.config.copy_nice)
         self.link = DaemonLink(self.config, self.rank, self.world_size)
         self._segment: Any = None
@@ -109,7 +123,7 @@ class Checkpointer:
         self._module_hook: Any = None
         self._committer = Committer(self._finish, self._on_commit, self.config.wait_timeout_s)
         self._hooks = [
-            optimizer.register_step_pre_hook(lambda *_: self._wait_copy()),
+            optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step()),
             optimizer.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
             model.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
         ]
@@ -135,10 +149,15 @@ class Checkpointer:
                 self.link._connect()  # the embedded default: a daemon for this node
             except CkptError as exc:
                 log.warning("ckpt: restore goes on without a daemon: %s", exc)
-        step = restore(RestoreTarget(
+        outcome = restore(RestoreTarget(
             self.model, self.optimizer, self.scheduler, self.extras, self.config.job,
-            self.config.dir, self.rank, self.world_size, self.process_group, self.engine))
-        return 0 if step is None else step + 1
+            self.config.dir, self.rank, self.world_size, self.process_group, self.engine,
+            self.pipeline))
+        self.last_restore = outcome
+        if outcome is None:
+            return 0
+        self._grad_norm = (outcome.pipeline_state or {}).get("grad_norm")
+        return outcome.step + 1
 
     def step(self, step: int) -> None:
         """Snapshot the state after ``optimizer.step()`` of ``step``; returns at once.
@@ -160,6 +179,10 @@ class Checkpointer:
             raise CkptError(f"the snapshot before step {step} was not sealed within "
                             f"{self.config.wait_timeout_s} s")
         state = collect_state(self.model, self.optimizer, self.scheduler, self.extras, step)
+        if self.pipeline is not None:
+            state[PIPELINE_STATE_KEY] = {"stage": self.pipeline.stage,
+                                         "num_stages": self.pipeline.num_stages,
+                                         "grad_norm": self._grad_norm}
         tensors, skeleton = flatten(state)
         geoms = geometries(tensors)
         sources = self._stable_sources(geoms)
@@ -294,6 +317,12 @@ class Checkpointer:
                                     or all(t.done() for t in self._pending.cpu_tickets)):
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = 0
+
+    def _before_optimizer_step(self) -> None:
+        self._wait_copy()
+        if self.pipeline is not None:
+            # The gradients the optimizer is about to apply: after the caller's clipping.
+            self._grad_norm = gradient_norm(self.model.parameters())
 
     def _wait_copy(self) -> None:
         """The only blocking point of the lazy copy (optimizer.step / load_state_dict)."""

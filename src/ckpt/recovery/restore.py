@@ -9,9 +9,12 @@ Order of work (every rank calls it, in the same order, on the training thread):
 3. newest first: try memory, then disk (each verified chunk by chunk before a byte
    reaches a live tensor); ``all_reduce(MIN)`` of the success flag, so that either
    every rank loaded this step or all move on to the previous one;
-4. set what is not a tensor (optimizer hyperparameters, scheduler, extras, RNG).
+4. set what is not a tensor (optimizer hyperparameters, scheduler, extras, RNG);
+5. with a pipeline position and no step loadable everywhere: the CheckFree tier
+   (:mod:`ckpt.recovery.stage_rebuild`) rebuilds the stages that lack a step the others
+   hold from their neighbours.
 
-Returns the step loaded, or None when no rank has any snapshot.
+Returns a :class:`RestoreOutcome`, or None when no rank has any snapshot.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import torch
 
 from ckpt.errors import CkptError, LayoutMismatchError, StepNotFoundError
 from ckpt.hook.state import apply_optimizer_scalars, set_rng_state
+from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
+from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
 from ckpt.snapshot.geometry import geometries
 from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
 
@@ -46,6 +51,17 @@ class RestoreTarget:
     world_size: int
     process_group: Any
     engine: Any
+    pipeline: PipelinePosition | None = None
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    """What ``restore`` loaded on this rank."""
+
+    step: int
+    tier: str                         # "memory", "disk" or "checkfree"
+    where: str                        # the source, or the rebuild's description
+    pipeline_state: dict | None = None  # the snapshot's PIPELINE_STATE_KEY entry, if any
 
 
 def _dist_active(group: Any) -> bool:
@@ -62,11 +78,14 @@ def _collective_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def agree_on_steps(local_steps: list[int], group: Any) -> list[int]:
-    """Steps (newest first) that every rank of ``group`` holds; local steps without a group."""
+def gather_steps(local_steps: list[int], group: Any) -> list[list[int]]:
+    """The (newest ``MAX_AGREED_STEPS``) steps each rank of ``group`` holds, by rank.
+
+    ``all_gather`` of a fixed-size int64 tensor (no pickle); without a group, this rank's.
+    """
     mine = sorted(set(local_steps), reverse=True)[:MAX_AGREED_STEPS]
     if not _dist_active(group):
-        return mine
+        return [mine]
     import torch.distributed as dist
 
     device = _collective_device(group)
@@ -75,11 +94,19 @@ def agree_on_steps(local_steps: list[int], group: Any) -> list[int]:
     t = t.to(device)
     out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(out, t, group=group)
-    common = None
-    for o in out:
-        steps = {int(v) for v in o.cpu().tolist() if v >= 0}
-        common = steps if common is None else common & steps
-    return sorted(common or (), reverse=True)
+    return [[int(v) for v in o.cpu().tolist() if v >= 0] for o in out]
+
+
+def agree_on_steps(local_steps: list[int], group: Any) -> list[int]:
+    """Steps (newest first) that every rank of ``group`` holds; local steps without a group."""
+    return _common(gather_steps(local_steps, group))
+
+
+def _common(steps_by_rank: list[list[int]]) -> list[int]:
+    common = set(steps_by_rank[0])
+    for steps in steps_by_rank[1:]:
+        common &= set(steps)
+    return sorted(common, reverse=True)
 
 
 def all_succeeded(ok: bool, group: Any) -> bool:
@@ -179,7 +206,8 @@ class _Loader:
                     live.local.copy_(source.tensor_bytes(i).view(dtype).reshape(live.local.shape))
         return out
 
-    def apply(self, source: Any, tensors: list[Any]) -> None:
+    def apply(self, source: Any, tensors: list[Any]) -> dict[str, Any]:
+        """Set the non-tensor state; returns the snapshot's state tree."""
         target = self.target
         live_by_index = [self.live_tensors[e["name"]] if tensors[i] is None else tensors[i]
                          for i, e in enumerate(source.meta["tensors"])]
@@ -193,6 +221,7 @@ class _Loader:
                                           f"{sorted(state['extra'])})")
             obj.load_state_dict(state["extra"][name])
         set_rng_state(state["rng"])
+        return state
 
 
 def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
@@ -222,29 +251,46 @@ def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
     return None
 
 
-def restore(target: RestoreTarget) -> int | None:
+def restore(target: RestoreTarget) -> RestoreOutcome | None:
     """Restore the newest step every rank holds; None when there is nothing to restore.
 
     Raises LayoutMismatchError when a snapshot does not fit the model, and
-    StepNotFoundError when snapshots exist but none loads on every rank.
+    StepNotFoundError when snapshots exist but none loads on every rank (and, with a
+    pipeline position, CheckFree cannot complete one either).
     """
     mem_by_step: dict[int, list] = {}
     for c in memory_candidates(target.job, target.rank):
         mem_by_step.setdefault(c.step, []).append(c)
     disk = _disk_steps(target.dir)
-    steps = agree_on_steps(list(mem_by_step) + list(disk), target.process_group)
-    if not steps:
+    steps_by_rank = gather_steps(list(mem_by_step) + list(disk), target.process_group)
+    steps = _common(steps_by_rank)
+    if not any(steps_by_rank) or (not steps and target.pipeline is None):
         return None
     loader = _Loader(target)
     # Training is not running yet: restore copies and checksums with every core.
     from ckpt import _C
 
     with _C.CopyEngine(os.cpu_count() or 1) as engine:
-        return _restore_agreed(target, loader, steps, mem_by_step, disk, engine)
+        outcome = _restore_agreed(target, loader, steps, mem_by_step, disk, engine)
+        if outcome is not None:
+            return outcome
+        if target.pipeline is not None:
+            outcome = _restore_by_rebuild(target, loader, steps_by_rank, mem_by_step, disk, engine)
+            if outcome is not None:
+                return outcome
+    raise StepNotFoundError(
+        f"snapshots of steps {steps[:8]} exist for job {target.job!r} but none could be "
+        f"loaded on every rank (see the warnings above for each tier's reason); move "
+        f"{target.dir} aside to start fresh")
+
+
+def _tier_of(source: Any) -> str:
+    return "memory" if isinstance(source, MemorySource) else "disk"
 
 
 def _restore_agreed(target: RestoreTarget, loader: _Loader, steps: list[int],
-                    mem_by_step: dict[int, list], disk: dict[int, Path], engine: Any) -> int:
+                    mem_by_step: dict[int, list], disk: dict[int, Path],
+                    engine: Any) -> RestoreOutcome | None:
     for step in steps:
         loaded = _try_sources(loader, step, mem_by_step.get(step, []), disk.get(step), target,
                               engine)
@@ -254,13 +300,55 @@ def _restore_agreed(target: RestoreTarget, loader: _Loader, steps: list[int],
                 loaded[0].close()
             log.warning("ckpt: step %d is not loadable on every rank; trying an older one", step)
             continue
-        source, tensors = loaded
-        try:
-            loader.apply(source, tensors)
-        finally:
-            source.close()
-        return step
-    raise StepNotFoundError(
-        f"snapshots of steps {steps[:8]} exist for job {target.job!r} but none could be "
-        f"loaded on every rank (see the warnings above for each tier's reason); move "
-        f"{target.dir} aside to start fresh")
+        return _apply(loader, *loaded, step)
+    return None
+
+
+def _apply(loader: _Loader, source: Any, tensors: list[Any], step: int) -> RestoreOutcome:
+    try:
+        state = loader.apply(source, tensors)
+    finally:
+        source.close()
+    return RestoreOutcome(step, _tier_of(source), source.where, state.get(PIPELINE_STATE_KEY))
+
+
+def _restore_by_rebuild(target: RestoreTarget, loader: _Loader, steps_by_rank: list[list[int]],
+                        mem_by_step: dict[int, list], disk: dict[int, Path],
+                        engine: Any) -> RestoreOutcome | None:
+    """The CheckFree tier: survivors load a step, the stages lacking it are rebuilt."""
+    position = target.pipeline
+    assert position is not None
+    tried: set[int] = set()
+    while True:
+        remaining = [[s for s in steps if s not in tried] for steps in steps_by_rank]
+        choice, reasons = choose_rebuild(position, remaining)
+        for reason in reasons:
+            log.warning("ckpt: CheckFree cannot use %s", reason)
+        if choice is None:
+            return None
+        tried.add(choice.step)
+        lost = target.rank in choice.lost_ranks
+        loaded = None if lost else _try_sources(loader, choice.step,
+                                                mem_by_step.get(choice.step, []),
+                                                disk.get(choice.step), target, engine)
+        if not all_succeeded(lost or loaded is not None, target.process_group):
+            if loaded is not None:
+                loaded[0].close()
+            log.warning("ckpt: step %d is not loadable on every surviving stage; trying an "
+                        "older one", choice.step)
+            continue
+        own = None if lost else _apply(loader, *loaded, choice.step)
+        norm = (own.pipeline_state or {}).get("grad_norm") if own is not None else None
+        report = exchange_and_rebuild(position, choice, model=target.model,
+                                      optimizer=target.optimizer, scheduler=target.scheduler,
+                                      extras=target.extras, group=target.process_group,
+                                      my_grad_norm=norm)
+        if own is not None:
+            return own
+        assert report is not None
+        norms = ", ".join(f"stage {s}: {n:.4g}" for s, n in report.grad_norms.items())
+        log.warning("ckpt: rank %d (pipeline stage %d) had no snapshot of step %d; rebuilt by "
+                    "CheckFree as %s%s; fresh optimizer at the neighbour's learning rate x %g",
+                    target.rank, position.stage, choice.step, report.description,
+                    f" (gradient norms {norms})" if norms else "", position.lr_scale)
+        return RestoreOutcome(choice.step, "checkfree", report.description, None)

@@ -22,6 +22,7 @@ from ckpt.recovery.checkfree.gradnorm import (
     gradient_norm,
 )
 from ckpt.recovery.checkfree.optim import DEFAULT_LR_SCALE, reset_optimizer
+from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.checkfree.plan import RecoveryPlan, StageRebuild, execute_rebuild, plan_recovery
 from ckpt.recovery.checkfree.replica import (
     embedding_replica_holders,
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_LR_SCALE",
     "DEFAULT_MAX_NORM",
     "GradNormTracker",
+    "PipelinePosition",
     "RecoveryPlan",
     "StageRebuild",
     "clip_and_measure",

@@ -1,0 +1,309 @@
+"""The last restore tier: rebuild lost pipeline stages from their neighbours (CheckFree).
+
+``restore()`` gets here when the Checkpointer knows its pipeline position and no step is
+held and loadable on every rank. Every rank of the pipeline runs it, in the same order, on
+the training thread:
+
+1. :func:`choose_rebuild` (pure, on the step lists every rank gathered): the newest step
+   that every rank holds except some block stages, which ``plan_recovery`` can rebuild
+   from stages that hold it;
+2. the survivors load that step from their own tiers (``restore`` does this, and agrees
+   on success with an ``all_reduce``);
+3. :func:`exchange_and_rebuild`: each source sends the lost stage a header (step, a
+   fingerprint of its state dict's keys/dtypes/shapes, its last gradient norm) and, from
+   the first source, the job-wide non-tensor state (scheduler position, learning rates,
+   extras) as JSON; every rank then agrees the headers are acceptable (``all_reduce``)
+   before any tensor moves; then the model tensors follow, point to point on the
+   Checkpointer's process group (gloo or NCCL), in the receiver's key order. No pickle.
+4. the lost stage applies the rule (``execute_rebuild``), loads the result, and gets a
+   fresh optimizer at the neighbour's learning rate × ``lr_scale``.
+
+Senders only send and receivers only receive (a source is never lost), each in
+increasing stage order, so the blocking point-to-point calls cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ckpt.errors import StageRebuildError
+from ckpt.recovery.checkfree.optim import SCALE_KEY, reset_optimizer
+from ckpt.recovery.checkfree.plan import RecoveryPlan, StageRebuild, execute_rebuild, plan_recovery
+from ckpt.recovery.checkfree.position import PipelinePosition
+from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
+
+log = logging.getLogger("ckpt.restore")
+
+_MAGIC = 0x636B70746366  # "ckptcf"
+_HEADER_WORDS = 6  # magic, step, fingerprint, tensor count, aux JSON bytes, aux tensor count
+PIPELINE_STATE_KEY = "pipeline"  # snapshot state entry: {"stage", "num_stages", "grad_norm"}
+
+
+@dataclass(frozen=True)
+class RebuildChoice:
+    step: int
+    plan: RecoveryPlan
+    lost_ranks: tuple[int, ...]
+
+
+def choose_rebuild(position: PipelinePosition, steps_by_rank: Sequence[Sequence[int]]
+                   ) -> tuple[RebuildChoice | None, list[str]]:
+    """The newest step CheckFree can complete, and why each newer one could not be.
+
+    ``steps_by_rank[r]``: the steps rank r holds. A step every rank holds is skipped (the
+    exact tiers had it). Deterministic: every rank computes the same answer.
+    """
+    ranks = [position.rank_of(s) for s in range(position.num_stages)]
+    if max(ranks) >= len(steps_by_rank):
+        raise StageRebuildError(f"PipelinePosition.stage_ranks {ranks} names ranks outside the "
+                                f"process group of {len(steps_by_rank)} ranks")
+    held = [set(steps_by_rank[r]) for r in ranks]
+    reasons: list[str] = []
+    for step in sorted(set().union(*held), reverse=True):
+        lost = [s for s in range(position.num_stages) if step not in held[s]]
+        if not lost:
+            continue
+        ends = [s for s in lost if not position.is_block_stage(s)]
+        if ends:
+            reasons.append(f"step {step}: pipeline stage {ends[0]} (embedding/head) lacks it, and "
+                           f"CheckFree rebuilds only block stages; persist those stages "
+                           f"(persist_every) so that they restore from disk")
+            continue
+        try:
+            plan = plan_recovery(position.num_block_stages, lost,
+                                 checkfree_plus=position.checkfree_plus)
+        except StageRebuildError as exc:
+            reasons.append(f"step {step}: {exc}")
+            continue
+        return RebuildChoice(step, plan, tuple(ranks[s] for s in lost)), reasons
+    return None, reasons
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> int:
+    """A signed 63-bit hash of the state dict's keys, dtypes and shapes (not its values)."""
+    desc = [[k, str(v.dtype), list(v.shape)] for k, v in state.items()]
+    digest = hashlib.blake2b(json.dumps(desc).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def job_state_of(optimizer: torch.optim.Optimizer, scheduler: Any,
+                 extras: Mapping[str, Any]) -> dict[str, Any]:
+    """What a rebuilt stage takes from a neighbour: its place in the schedule, its learning
+    rates with its own CheckFree scale divided out, and the extras (data position...)."""
+    return {
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "lrs": [float(g["lr"]) / float(g.get(SCALE_KEY, 1.0)) for g in optimizer.param_groups],
+        "extra": {name: obj.state_dict() for name, obj in extras.items()},
+    }
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or hasattr(value, "to_local"):
+            raise StageRebuildError(f"the CheckFree tier sends plain tensors; state entry {key!r} "
+                                    f"is a {type(value).__name__} (sharded stages are not "
+                                    f"supported: restore them from a checkpoint)")
+    return state
+
+
+class _Wire:
+    """Point-to-point on the Checkpointer's group, with ranks given in that group."""
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.group = dist, group
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
+
+    def send(self, tensor: torch.Tensor, rank: int) -> None:
+        self.dist.send(tensor.detach().contiguous().to(self.device), self._global(rank),
+                       group=self.group)
+
+    def recv(self, like: torch.Tensor | tuple[torch.dtype, Sequence[int]], rank: int) -> torch.Tensor:
+        if isinstance(like, torch.Tensor):
+            buf = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+        else:
+            buf = torch.empty(list(like[1]), dtype=like[0], device=self.device)
+        self.dist.recv(buf, self._global(rank), group=self.group)
+        return buf
+
+    def all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+
+@dataclass
+class _Incoming:
+    header: list[int]
+    grad_norm: float
+    aux: dict[str, Any] | None
+
+
+def _pack_aux(job_state: Mapping[str, Any]) -> tuple[bytes, list[torch.Tensor]]:
+    tensors, skeleton = flatten(dict(job_state))
+    specs = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for _, t in tensors]
+    blob = json.dumps({"skeleton": skeleton, "tensors": specs}, separators=(",", ":")).encode()
+    return blob, [t for _, t in tensors]
+
+
+def _send_to(wire: _Wire, target_rank: int, step: int, state: Mapping[str, torch.Tensor],
+             grad_norm: float | None, job_state: Mapping[str, Any] | None) -> tuple[bytes, list]:
+    blob, aux_tensors = _pack_aux(job_state) if job_state is not None else (b"", [])
+    header = torch.tensor([_MAGIC, step, state_fingerprint(state), len(state), len(blob),
+                           len(aux_tensors)], dtype=torch.int64)
+    wire.send(header, target_rank)
+    wire.send(torch.tensor([math.nan if grad_norm is None else grad_norm], dtype=torch.float64),
+              target_rank)
+    if blob:
+        wire.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8), target_rank)
+    return blob, aux_tensors
+
+
+def _recv_from(wire: _Wire, source_rank: int) -> _Incoming:
+    header = wire.recv((torch.int64, [_HEADER_WORDS]), source_rank).cpu().tolist()
+    norm = float(wire.recv((torch.float64, [1]), source_rank).cpu()[0])
+    aux = None
+    if header[4] > 0:
+        raw = wire.recv((torch.uint8, [header[4]]), source_rank).cpu()
+        aux = json.loads(bytes(raw.numpy()).decode())
+    return _Incoming(header, norm, aux)
+
+
+def _check_incoming(rebuild: StageRebuild, position: PipelinePosition, step: int,
+                    mine: Mapping[str, torch.Tensor], got: Mapping[int, _Incoming]) -> list[str]:
+    problems = []
+    fingerprint = state_fingerprint(mine)
+    for stage, inc in got.items():
+        magic, their_step, their_fp, count = inc.header[:4]
+        if magic != _MAGIC or their_step != step:
+            problems.append(f"stage {stage} (rank {position.rank_of(stage)}) sent step "
+                            f"{their_step} (expected {step}) or a foreign header")
+        elif their_fp != fingerprint or count != len(mine):
+            problems.append(f"stage {stage}'s state dict ({count} entries) differs in keys, dtypes "
+                            f"or shapes from stage {rebuild.stage}'s ({len(mine)}): CheckFree "
+                            f"rebuilds a stage only from neighbours of the same structure")
+        elif rebuild.method == "average" and not (math.isfinite(inc.grad_norm) and inc.grad_norm >= 0):
+            problems.append(f"stage {stage}'s snapshot of step {step} records no gradient norm "
+                            f"(written without Checkpointer(pipeline=...)?): the rule needs it")
+    return problems
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    stage: int
+    step: int
+    description: str
+    grad_norms: dict[int, float]
+
+
+def exchange_and_rebuild(position: PipelinePosition, choice: RebuildChoice, *,
+                         model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         scheduler: Any, extras: Mapping[str, Any], group: Any,
+                         my_grad_norm: float | None) -> RebuildReport | None:
+    """Run steps 3-4 of the module docstring on this rank; the report on a rebuilt rank.
+
+    A survivor must already hold ``choice.step``'s state in its live objects. Raises
+    StageRebuildError on every rank when a header does not check out or a rebuild fails.
+    """
+    wire = _Wire(group)
+    me = position.stage
+    rebuilds = choice.plan.rebuilds
+    mine_rebuild = next((r for r in rebuilds if r.stage == me), None)
+    state = _model_state(model)
+    # -- headers ---------------------------------------------------------------------------
+    outgoing: dict[int, list] = {}
+    incoming: dict[int, _Incoming] = {}
+    for r in rebuilds:
+        if me in r.sources:
+            job = job_state_of(optimizer, scheduler, extras) if me == r.sources[0] else None
+            outgoing[r.stage] = _send_to(wire, position.rank_of(r.stage), choice.step, state,
+                                         my_grad_norm, job)[1]
+    problems: list[str] = []
+    if mine_rebuild is not None:
+        for source in mine_rebuild.sources:
+            incoming[source] = _recv_from(wire, position.rank_of(source))
+        problems = _check_incoming(mine_rebuild, position, choice.step, state, incoming)
+    if not wire.all_ok(not problems):
+        if problems:
+            raise StageRebuildError(f"cannot rebuild pipeline stage {me} at step {choice.step}: "
+                                    + "; ".join(problems))
+        raise StageRebuildError(f"CheckFree could not rebuild the lost stages "
+                                f"{list(choice.plan.lost)} at step {choice.step}; their ranks "
+                                f"{list(choice.lost_ranks)} log why")
+    # -- tensors ---------------------------------------------------------------------------
+    for target_stage, aux_tensors in outgoing.items():
+        for value in list(state.values()) + aux_tensors:
+            wire.send(value, position.rank_of(target_stage))
+    report, error = None, None
+    if mine_rebuild is not None:
+        try:
+            report = _rebuild_here(wire, position, mine_rebuild, choice.step, state, incoming,
+                                   model, optimizer, scheduler, extras)
+        except Exception as exc:  # reported on every rank below
+            error = exc
+    if not wire.all_ok(error is None):
+        if error is not None:
+            raise StageRebuildError(f"rebuilding pipeline stage {me} failed: {error}") from error
+        raise StageRebuildError(f"CheckFree failed on a lost stage's rank "
+                                f"({list(choice.lost_ranks)}); see its log")
+    return report
+
+
+def _rebuild_here(wire: _Wire, position: PipelinePosition, rebuild: StageRebuild, step: int,
+                  mine: Mapping[str, torch.Tensor], incoming: Mapping[int, _Incoming],
+                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  extras: Mapping[str, Any]) -> RebuildReport:
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    aux: dict[str, Any] | None = None
+    for source in rebuild.sources:
+        rank = position.rank_of(source)
+        states[source] = {k: wire.recv(v, rank).to(v.device) for k, v in mine.items()}
+        inc = incoming[source]
+        if inc.aux is not None:
+            tensors = [wire.recv((dtype_from_name(d), shape), rank).cpu()
+                       for d, shape in inc.aux["tensors"]]
+            aux = unflatten(inc.aux["skeleton"], tensors)
+    norms = {s: incoming[s].grad_norm for s in rebuild.sources}
+    rebuilt = execute_rebuild(rebuild, states, norms, position.eps)
+    model.load_state_dict(rebuilt)
+    if aux is not None:
+        _apply_job_state(aux, optimizer, scheduler, extras)
+    reset_optimizer(optimizer, lr_scale=position.lr_scale, scheduler=scheduler)
+    return RebuildReport(rebuild.stage, step, rebuild.describe(),
+                         norms if rebuild.method == "average" else {})
+
+
+def _apply_job_state(aux: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+                     extras: Mapping[str, Any]) -> None:
+    if scheduler is not None and aux.get("scheduler") is not None:
+        own_base = list(getattr(scheduler, "base_lrs", []))
+        scheduler.load_state_dict(aux["scheduler"])
+        if own_base:  # the neighbour's may carry its own CheckFree scale
+            scheduler.base_lrs = own_base
+    lrs = aux.get("lrs") or []
+    if len(lrs) == len(optimizer.param_groups):
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr if not isinstance(group["lr"], torch.Tensor) else group["lr"].fill_(lr)
+            group.pop(SCALE_KEY, None)  # lr is unscaled now: reset_optimizer scales it once
+    else:
+        log.warning("ckpt: the neighbour has %d optimizer param groups, this stage %d: the "
+                    "rebuilt stage keeps its own learning rates", len(lrs), len(optimizer.param_groups))
+    for name, obj in extras.items():
+        if name in aux.get("extra", {}):
+            obj.load_state_dict(aux["extra"][name])
+        else:
+            log.warning("ckpt: the neighbour's snapshot has no extra %r; the rebuilt stage keeps "
+                        "its own", name)
