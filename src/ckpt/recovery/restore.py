@@ -176,9 +176,9 @@ class _Loader:
         """Copy every model/optim tensor into the live tensors; return the tensor list for
         unflatten (None for live tensors, fresh CPU tensors for rng/scheduler/extra).
 
-        Both tiers write a chunk into a live tensor only after its crc32c matched (memory:
-        one native pass that checks, then copies from cache; disk: reads straight into the
-        tensor, checks, zeroes a chunk that does not match). If a chunk is damaged the
+        Both tiers copy straight into the live tensors and checksum in the same pass
+        (memory: crc32c computed while storing; disk: read into the tensor, then checked),
+        and zero a chunk whose crc does not match before raising. If a chunk is damaged the
         tier raises, the live tensors hold checked bytes of this step plus zeroes, and
         the next tier or an older step overwrites them all; if none loads, restore()
         raises and the model must not be trained from.

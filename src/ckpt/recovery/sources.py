@@ -130,13 +130,13 @@ class MemorySource:
         self.verified = False
 
     def load_verified(self, dst_addrs: dict[int, int]) -> None:
-        """Copy tensor ``i`` to ``dst_addrs[i]`` chunk by chunk, each chunk only after its
-        crc32c matched (native, all workers, one pass: the chunk is crc'd, then copied
-        from cache); checksum the other tensors in place. Raises CorruptChunkError naming
-        the first bad chunk; the chunks that were copied all matched."""
+        """Copy tensor ``i`` to ``dst_addrs[i]`` and checksum every chunk in the same pass
+        (native, all workers: crc32c computed while storing, so the slot is read once);
+        checksum the other tensors in place. A chunk whose crc does not match is zeroed in
+        its destination before CorruptChunkError (naming the first bad chunk) is raised:
+        no damaged byte is left in a live tensor, as on the disk tier."""
         layout = self.layout
         actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
-        expected = np.ascontiguousarray(self._crcs, dtype=np.uint32)
         tickets = []
         for i, p in enumerate(layout.tensors):
             if not p.spec.nbytes:
@@ -144,15 +144,31 @@ class MemorySource:
             src = self._data_addr + p.data_offset
             out = actual.ctypes.data + 4 * p.first_chunk
             if i in dst_addrs:
-                tickets.append(self.engine.verified_copy(
-                    [(src, dst_addrs[i], p.spec.nbytes)], layout.chunk_bytes,
-                    expected.ctypes.data + 4 * p.first_chunk, out))
+                tickets.append(self.engine.submit([(src, dst_addrs[i], p.spec.nbytes)],
+                                                  layout.chunk_bytes, out))
             else:
                 tickets.append(self.engine.crc_chunks([(src, p.spec.nbytes)], layout.chunk_bytes, out))
         for t in tickets:
             t.wait(None)
+        self._zero_bad_chunks(actual, dst_addrs)
         self._raise_if_bad(actual)
         self.verified = True
+
+    def _zero_bad_chunks(self, actual: np.ndarray, dst_addrs: dict[int, int]) -> None:
+        import ctypes
+
+        layout = self.layout
+        bad = set(np.nonzero(actual[:layout.num_chunks] != self._crcs)[0].tolist())
+        if not bad:
+            return
+        for i, p in enumerate(layout.tensors):
+            if i not in dst_addrs:
+                continue
+            for c in range(p.num_chunks):
+                if p.first_chunk + c in bad:
+                    start = c * layout.chunk_bytes
+                    ctypes.memset(dst_addrs[i] + start, 0,
+                                  min(layout.chunk_bytes, p.spec.nbytes - start))
 
     def verify(self) -> None:
         """Checksum every chunk (native, GIL released) against the crc array."""
