@@ -6,8 +6,8 @@ pipeline schedule runs: the test is about restore, so each step sets gradients f
 per-rank generator, clips them (max norm 1), steps AdamW and a LambdaLR, and snapshots.
 
 ``--phase train``: fresh start, ``--steps`` steps, then writes ``OUT/rank-R.json``
-(weights after the last step, that step's post-clip gradient norm, lr, scheduler
-position) and exits without ``close()`` (no persist): only daemon-less shared memory
+(weights after the last step and after the last replication step, that step's post-clip
+gradient norm, lr, scheduler position) and exits without ``close()`` (no persist): only daemon-less shared memory
 holds the snapshots, as after a crash.
 ``--phase restore``: builds the stages with other initial weights, calls ``restore()``
 and writes what it restored (or the error) to ``OUT/rank-R.json``.
@@ -69,6 +69,7 @@ def main() -> int:
     p.add_argument("--job", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--replica-every", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level="INFO", stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -83,11 +84,12 @@ def main() -> int:
     cp = Checkpointer(model, optimizer, scheduler=scheduler, dir=args.dir, job=args.job,
                       persist_every=0, start_daemon=False, extra={"data": position},
                       daemon_socket=Path(args.dir) / "no-daemon.sock",
-                      pipeline=PipelinePosition(stage=rank, num_stages=NUM_STAGES))
+                      pipeline=PipelinePosition(stage=rank, num_stages=NUM_STAGES,
+                                                replica_every=args.replica_every))
     out = Path(args.out) / f"rank-{rank}.json"
     if args.phase == "train":
         gen = torch.Generator().manual_seed(rank)
-        norm = None
+        norm, replicated = None, {}
         for step in range(cp.restore(), args.steps):
             for param in model.parameters():
                 param.grad = torch.randn(param.shape, generator=gen) * (0.05 * (rank + 1))
@@ -98,9 +100,12 @@ def main() -> int:
             optimizer.zero_grad()
             position.pos = step + 1
             cp.step(step)
+            if args.replica_every and step % args.replica_every == 0:
+                replicated = {"step": step,
+                              "state": {k: v.tolist() for k, v in model.state_dict().items()}}
         assert cp.wait(60)
         record = {"grad_norm": norm, "lr": optimizer.param_groups[0]["lr"],
-                  "last_epoch": scheduler.last_epoch}
+                  "last_epoch": scheduler.last_epoch, "replicated": replicated}
     else:
         try:
             start = cp.restore()

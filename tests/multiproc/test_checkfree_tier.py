@@ -44,11 +44,15 @@ def _lose_memory_of(job: str, rank: int) -> None:
         _C.Segment.unlink(name)
 
 
-@pytest.fixture
-def trained(run_dir):
-    res = _launch(run_dir, "train", run_dir / "train")
+def _train(run_dir: Path, *extra: str) -> tuple[Path, dict[int, dict]]:
+    res = _launch(run_dir, "train", run_dir / "train", *extra)
     assert res.returncode == 0, res.stderr[-4000:]
     return run_dir, _records(run_dir / "train")
+
+
+@pytest.fixture
+def trained(run_dir):
+    return _train(run_dir)
 
 
 def test_a_lost_middle_stage_is_the_gradient_weighted_average_of_its_neighbours(trained):
@@ -94,3 +98,24 @@ def test_a_stage_checkfree_cannot_rebuild_fails_the_restore_on_every_rank(traine
     for rank in range(5):
         assert after[rank].get("error", "").startswith("StepNotFoundError"), after[rank]
     assert reason in res.stderr
+
+
+@pytest.mark.parametrize(("lost", "holder"), [(0, 1), (4, 3)])
+def test_a_lost_embedding_or_head_stage_is_its_replica_from_its_block_neighbour(run_dir, lost, holder):
+    """With replica_every=4, stages 0 and 4 send their weights to stages 1 and 3 at steps 0
+    and 4; those keep them in their snapshots, and a lost end stage comes back from there."""
+    run_dir, before = _train(run_dir, "--replica-every", "4")
+    _lose_memory_of(run_dir.name, lost)
+    res = _launch(run_dir, "restore", run_dir / "restore", "--replica-every", "4")
+    assert res.returncode == 0, res.stderr[-4000:]
+    after = _records(run_dir / "restore")
+    for rank in set(range(5)) - {lost}:
+        assert after[rank]["tier"] == "memory" and after[rank]["state"] == before[rank]["state"]
+    rebuilt = after[lost]
+    assert rebuilt["tier"] == "checkfree" and rebuilt["start"] == STEPS
+    assert f"replica kept by the holder of stage {holder}" in rebuilt["where"]
+    assert before[lost]["replicated"]["step"] == 4
+    assert rebuilt["state"] == before[lost]["replicated"]["state"]  # bit for bit, from step 4
+    assert rebuilt["state"] != before[lost]["state"]                # (not the step-5 weights)
+    assert rebuilt["optimizer_state"] == 0 and rebuilt["pos"] == STEPS
+    assert "(weights of step 4)" in res.stderr

@@ -69,3 +69,22 @@ def test_fingerprint_sees_keys_dtypes_and_shapes_but_not_values():
     assert state_fingerprint(a) != state_fingerprint({"w": torch.zeros(2, 3, dtype=torch.float64),
                                                       "b": torch.zeros(3)})
     assert state_fingerprint(a) != state_fingerprint({"W": torch.zeros(2, 3), "b": torch.zeros(3)})
+
+
+def test_with_replicas_an_embedding_or_head_stage_comes_from_its_block_neighbour():
+    position = _position(5, replica_every=10)
+    choice, _ = choose_rebuild(position, [[], [7], [7], [7], []])
+    assert [(r.stage, r.method, r.sources) for r in choice.plan.rebuilds] == \
+        [(0, "replica", (1,)), (4, "replica", (3,))]
+    choice, _ = choose_rebuild(position, [[7], [7], [], [7], [7]])  # blocks still averaged
+    assert choice.plan.for_stage(2).method == "average"
+
+
+def test_an_end_stage_lost_with_its_replica_holder_is_refused():
+    choice, reasons = choose_rebuild(_position(5, replica_every=10), [[], [], [7], [7], [7]])
+    assert choice is None and "which keeps its replica, were lost together" in reasons[0]
+
+
+def test_replica_every_must_be_a_non_negative_int():
+    with pytest.raises(ConfigError, match="replica_every must be an int >= 0"):
+        _position(5, replica_every=-1)

@@ -108,6 +108,7 @@ class Checkpointer:
                               f"{pipeline.rank_of(pipeline.stage)}, but this process is rank "
                               f"{self.rank} of its group (world size {self.world_size})")
         self._grad_norm: float | None = None  # this stage's last post-clipping gradient norm
+        self._replicas: dict[str, dict] = {}  # embedding/head replicas this stage keeps
         self.last_restore: RestoreOutcome | None = None
         self.engine = _C.CopyEngine(self.config.copy_threads, self.config.copy_nice)
         self.link = DaemonLink(self.config, self.rank, self.world_size)
@@ -157,6 +158,7 @@ class Checkpointer:
         if outcome is None:
             return 0
         self._grad_norm = (outcome.pipeline_state or {}).get("grad_norm")
+        self._replicas = dict((outcome.pipeline_state or {}).get("replicas") or {})
         return outcome.step + 1
 
     def step(self, step: int) -> None:
@@ -172,6 +174,9 @@ class Checkpointer:
         if not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be an int >= 0, got {step!r}")
         self._committer.raise_error()
+        if self.pipeline is not None and self.pipeline.replica_every \
+                and step % self.pipeline.replica_every == 0:
+            self._replicate(step)
         if step % self.config.every:
             return
         self._wait_copy()
@@ -182,7 +187,8 @@ class Checkpointer:
         if self.pipeline is not None:
             state[PIPELINE_STATE_KEY] = {"stage": self.pipeline.stage,
                                          "num_stages": self.pipeline.num_stages,
-                                         "grad_norm": self._grad_norm}
+                                         "grad_norm": self._grad_norm,
+                                         "replicas": self._replicas}
         tensors, skeleton = flatten(state)
         geoms = geometries(tensors)
         sources = self._stable_sources(geoms)
@@ -317,6 +323,15 @@ class Checkpointer:
                                     or all(t.done() for t in self._pending.cpu_tickets)):
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = 0
+
+    def _replicate(self, step: int) -> None:
+        """Embedding/head stages send their weights to their replica holders (blocking p2p,
+        on the training thread, at the same step on every stage)."""
+        from ckpt.recovery.stage_rebuild import exchange_replicas
+
+        # New tensors: a snapshot still copying holds references to the old ones.
+        received = exchange_replicas(self.pipeline, self.model, self.process_group, step)
+        self._replicas.update(received)
 
     def _before_optimizer_step(self) -> None:
         self._wait_copy()

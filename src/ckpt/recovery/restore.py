@@ -338,17 +338,20 @@ def _restore_by_rebuild(target: RestoreTarget, loader: _Loader, steps_by_rank: l
                         "older one", choice.step)
             continue
         own = None if lost else _apply(loader, *loaded, choice.step)
-        norm = (own.pipeline_state or {}).get("grad_norm") if own is not None else None
+        mine = (own.pipeline_state or {}) if own is not None else {}
         report = exchange_and_rebuild(position, choice, model=target.model,
                                       optimizer=target.optimizer, scheduler=target.scheduler,
                                       extras=target.extras, group=target.process_group,
-                                      my_grad_norm=norm)
+                                      my_grad_norm=mine.get("grad_norm"),
+                                      my_replicas=mine.get("replicas"))
         if own is not None:
             return own
         assert report is not None
         norms = ", ".join(f"stage {s}: {n:.4g}" for s, n in report.grad_norms.items())
+        older = (f" (weights of step {report.weights_step})"
+                 if report.weights_step != choice.step else "")
         log.warning("ckpt: rank %d (pipeline stage %d) had no snapshot of step %d; rebuilt by "
-                    "CheckFree as %s%s; fresh optimizer at the neighbour's learning rate x %g",
+                    "CheckFree as %s%s%s; fresh optimizer at the neighbour's learning rate x %g",
                     target.rank, position.stage, choice.step, report.description,
-                    f" (gradient norms {norms})" if norms else "", position.lr_scale)
+                    f" (gradient norms {norms})" if norms else "", older, position.lr_scale)
         return RestoreOutcome(choice.step, "checkfree", report.description, None)

@@ -42,8 +42,13 @@ from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
 log = logging.getLogger("ckpt.restore")
 
 _MAGIC = 0x636B70746366  # "ckptcf"
-_HEADER_WORDS = 6  # magic, step, fingerprint, tensor count, aux JSON bytes, aux tensor count
-PIPELINE_STATE_KEY = "pipeline"  # snapshot state entry: {"stage", "num_stages", "grad_norm"}
+# magic, step, fingerprint, tensor count (-1: no such state), aux JSON bytes, aux tensor
+# count, step of the weights sent (a replica's may be older)
+_HEADER_WORDS = 7
+_TREE_MAGIC = 0x636B70747472  # "ckpttr"
+# Snapshot state entry: {"stage", "num_stages", "grad_norm", "replicas"}; replicas (on the
+# holders of the embedding/head replicas): {"<stage>": {"step": s, "state": {key: tensor}}}.
+PIPELINE_STATE_KEY = "pipeline"
 
 
 @dataclass(frozen=True)
@@ -70,20 +75,40 @@ def choose_rebuild(position: PipelinePosition, steps_by_rank: Sequence[Sequence[
         lost = [s for s in range(position.num_stages) if step not in held[s]]
         if not lost:
             continue
-        ends = [s for s in lost if not position.is_block_stage(s)]
-        if ends:
-            reasons.append(f"step {step}: pipeline stage {ends[0]} (embedding/head) lacks it, and "
-                           f"CheckFree rebuilds only block stages; persist those stages "
-                           f"(persist_every) so that they restore from disk")
+        ends, problem = _plan_ends(position, lost)
+        if problem:
+            reasons.append(f"step {step}: {problem}")
             continue
+        blocks = [s for s in lost if position.is_block_stage(s)]
         try:
-            plan = plan_recovery(position.num_block_stages, lost,
-                                 checkfree_plus=position.checkfree_plus)
+            plan = plan_recovery(position.num_block_stages, blocks,
+                                 checkfree_plus=position.checkfree_plus) if blocks else None
         except StageRebuildError as exc:
             reasons.append(f"step {step}: {exc}")
             continue
+        rebuilds = sorted((plan.rebuilds if plan else ()) + ends, key=lambda r: r.stage)
+        plan = RecoveryPlan(position.num_block_stages, position.checkfree_plus, tuple(rebuilds))
         return RebuildChoice(step, plan, tuple(ranks[s] for s in lost)), reasons
     return None, reasons
+
+
+def _plan_ends(position: PipelinePosition, lost: list[int]
+               ) -> tuple[tuple[StageRebuild, ...], str | None]:
+    """Rebuilds of the lost embedding/head stages from their replicas, or why not."""
+    ends = []
+    for stage in lost:
+        if position.is_block_stage(stage):
+            continue
+        if not position.replica_every:
+            return (), (f"pipeline stage {stage} (embedding/head) lacks it, and without replicas "
+                        f"(PipelinePosition.replica_every) CheckFree rebuilds only block stages; "
+                        f"persist those stages (persist_every) so that they restore from disk")
+        holder = position.replica_holder(stage)
+        if holder in lost:
+            return (), (f"pipeline stage {stage} (embedding/head) and stage {holder}, which keeps "
+                        f"its replica, were lost together; restore one of them from a checkpoint")
+        ends.append(StageRebuild(stage, "replica", (holder,)))
+    return tuple(ends), None
 
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> int:
@@ -145,6 +170,42 @@ class _Wire:
         return bool(flag.item())
 
 
+def _send_tree(wire: _Wire, obj: Any, rank: int) -> None:
+    """A tree of tensors and JSON values, no pickle: header, JSON skeleton, tensors."""
+    blob, tensors = _pack_aux(obj)
+    wire.send(torch.tensor([_TREE_MAGIC, len(blob)], dtype=torch.int64), rank)
+    wire.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8), rank)
+    for t in tensors:
+        wire.send(t, rank)
+
+
+def _recv_tree(wire: _Wire, rank: int) -> Any:
+    magic, nbytes = wire.recv((torch.int64, [2]), rank).cpu().tolist()
+    if magic != _TREE_MAGIC:
+        raise StageRebuildError(f"rank {rank} sent a foreign message while replicating "
+                                f"(magic {magic:#x}); are all stages running the same ckpt?")
+    desc = json.loads(bytes(wire.recv((torch.uint8, [nbytes]), rank).cpu().numpy()).decode())
+    tensors = [wire.recv((dtype_from_name(d), shape), rank).cpu() for d, shape in desc["tensors"]]
+    return unflatten(desc["skeleton"], tensors)
+
+
+def exchange_replicas(position: PipelinePosition, model: torch.nn.Module, group: Any,
+                      step: int) -> dict[str, dict[str, Any]]:
+    """The embedding/head stages send their weights to their replica holders (blocking,
+    point to point; every stage calls it at the same step). Returns what this rank received:
+    ``{"<stage>": {"step": step, "state": {key: CPU tensor}}}`` (empty on other ranks)."""
+    wire = _Wire(group)
+    me, last = position.stage, position.num_stages - 1
+    if me in (0, last):
+        _send_tree(wire, _model_state(model), position.rank_of(position.replica_holder(me)))
+    received = {}
+    for end in (0, last):
+        if position.replica_holder(end) == me:
+            received[str(end)] = {"step": step,
+                                  "state": _recv_tree(wire, position.rank_of(end))}
+    return received
+
+
 @dataclass
 class _Incoming:
     header: list[int]
@@ -159,11 +220,13 @@ def _pack_aux(job_state: Mapping[str, Any]) -> tuple[bytes, list[torch.Tensor]]:
     return blob, [t for _, t in tensors]
 
 
-def _send_to(wire: _Wire, target_rank: int, step: int, state: Mapping[str, torch.Tensor],
-             grad_norm: float | None, job_state: Mapping[str, Any] | None) -> tuple[bytes, list]:
+def _send_to(wire: _Wire, target_rank: int, step: int, state: Mapping[str, torch.Tensor] | None,
+             grad_norm: float | None, job_state: Mapping[str, Any] | None,
+             state_step: int) -> tuple[bytes, list]:
     blob, aux_tensors = _pack_aux(job_state) if job_state is not None else (b"", [])
-    header = torch.tensor([_MAGIC, step, state_fingerprint(state), len(state), len(blob),
-                           len(aux_tensors)], dtype=torch.int64)
+    header = torch.tensor([_MAGIC, step, state_fingerprint(state) if state is not None else 0,
+                           len(state) if state is not None else -1, len(blob),
+                           len(aux_tensors), state_step], dtype=torch.int64)
     wire.send(header, target_rank)
     wire.send(torch.tensor([math.nan if grad_norm is None else grad_norm], dtype=torch.float64),
               target_rank)
@@ -191,6 +254,10 @@ def _check_incoming(rebuild: StageRebuild, position: PipelinePosition, step: int
         if magic != _MAGIC or their_step != step:
             problems.append(f"stage {stage} (rank {position.rank_of(stage)}) sent step "
                             f"{their_step} (expected {step}) or a foreign header")
+        elif count < 0:
+            problems.append(f"stage {stage}'s snapshot of step {step} holds no replica of stage "
+                            f"{rebuild.stage} (written before the first replication, or without "
+                            f"PipelinePosition.replica_every)")
         elif their_fp != fingerprint or count != len(mine):
             problems.append(f"stage {stage}'s state dict ({count} entries) differs in keys, dtypes "
                             f"or shapes from stage {rebuild.stage}'s ({len(mine)}): CheckFree "
@@ -207,12 +274,14 @@ class RebuildReport:
     step: int
     description: str
     grad_norms: dict[int, float]
+    weights_step: int  # the step of the weights the stage got (a replica's may be older)
 
 
 def exchange_and_rebuild(position: PipelinePosition, choice: RebuildChoice, *,
                          model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          scheduler: Any, extras: Mapping[str, Any], group: Any,
-                         my_grad_norm: float | None) -> RebuildReport | None:
+                         my_grad_norm: float | None,
+                         my_replicas: Mapping[str, Any] | None = None) -> RebuildReport | None:
     """Run steps 3-4 of the module docstring on this rank; the report on a rebuilt rank.
 
     A survivor must already hold ``choice.step``'s state in its live objects. Raises
@@ -226,11 +295,19 @@ def exchange_and_rebuild(position: PipelinePosition, choice: RebuildChoice, *,
     # -- headers ---------------------------------------------------------------------------
     outgoing: dict[int, list] = {}
     incoming: dict[int, _Incoming] = {}
+    sent_states: dict[int, Mapping[str, torch.Tensor]] = {}
     for r in rebuilds:
         if me in r.sources:
             job = job_state_of(optimizer, scheduler, extras) if me == r.sources[0] else None
-            outgoing[r.stage] = _send_to(wire, position.rank_of(r.stage), choice.step, state,
-                                         my_grad_norm, job)[1]
+            send_state, state_step = state, choice.step
+            if r.method == "replica":
+                replica = (my_replicas or {}).get(str(r.stage))
+                send_state = replica["state"] if replica else None
+                state_step = int(replica["step"]) if replica else -1
+            outgoing[r.stage] = _send_to(wire, position.rank_of(r.stage), choice.step, send_state,
+                                         my_grad_norm, job, state_step)[1]
+            if send_state is not None:
+                sent_states[r.stage] = send_state
     problems: list[str] = []
     if mine_rebuild is not None:
         for source in mine_rebuild.sources:
@@ -245,7 +322,7 @@ def exchange_and_rebuild(position: PipelinePosition, choice: RebuildChoice, *,
                                 f"{list(choice.lost_ranks)} log why")
     # -- tensors ---------------------------------------------------------------------------
     for target_stage, aux_tensors in outgoing.items():
-        for value in list(state.values()) + aux_tensors:
+        for value in list(sent_states[target_stage].values()) + aux_tensors:
             wire.send(value, position.rank_of(target_stage))
     report, error = None, None
     if mine_rebuild is not None:
@@ -283,7 +360,8 @@ def _rebuild_here(wire: _Wire, position: PipelinePosition, rebuild: StageRebuild
         _apply_job_state(aux, optimizer, scheduler, extras)
     reset_optimizer(optimizer, lr_scale=position.lr_scale, scheduler=scheduler)
     return RebuildReport(rebuild.stage, step, rebuild.describe(),
-                         norms if rebuild.method == "average" else {})
+                         norms if rebuild.method == "average" else {},
+                         min(incoming[s].header[6] for s in rebuild.sources))
 
 
 def _apply_job_state(aux: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,

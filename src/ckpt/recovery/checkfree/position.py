@@ -43,6 +43,11 @@ class PipelinePosition:
     """A rebuilt stage's learning rate is its neighbour's times this."""
     eps: float = DEFAULT_EPS
     """The rule's epsilon: weights are ``norm + eps``."""
+    replica_every: int = 0
+    """Every this many steps the embedding and head stages send their weights to their block
+    neighbour (stage 1, stage num_stages - 2), which keeps the copy in its own snapshots, so
+    a lost embedding/head stage is rebuilt from it (the paper's replication, a small cost).
+    0: no replicas (a lost embedding/head stage must restore from a checkpoint)."""
 
     def __post_init__(self) -> None:
         for name in ("stage", "num_stages"):
@@ -65,6 +70,10 @@ class PipelinePosition:
         if self.checkfree_plus and self.num_block_stages < 4:
             raise ConfigError(f"CheckFree+ needs >= 4 block stages (num_stages >= 6), got "
                               f"num_stages={self.num_stages}")
+        if not isinstance(self.replica_every, int) or isinstance(self.replica_every, bool) \
+                or self.replica_every < 0:
+            raise ConfigError(f"PipelinePosition.replica_every must be an int >= 0 (0: no "
+                              f"replicas), got {self.replica_every!r}")
         for name in ("lr_scale", "eps"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -78,6 +87,10 @@ class PipelinePosition:
 
     def is_block_stage(self, stage: int) -> bool:
         return 0 < stage < self.num_stages - 1
+
+    def replica_holder(self, stage: int) -> int:
+        """The block stage that keeps the replica of embedding/head stage ``stage``."""
+        return 1 if stage == 0 else self.num_stages - 2
 
     def rank_of(self, stage: int) -> int:
         return stage if self.stage_ranks is None else self.stage_ranks[stage]
