@@ -264,7 +264,7 @@ def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int) -> d
     t0 = time.perf_counter()
     cp2.restore()
     out["restore_memory_s"] = time.perf_counter() - t0
-    out["restore_memory_tier"] = getattr(cp2, "last_restore_tier", "memory")
+    out["restore_memory_tier"] = cp2.last_restore.tier if cp2.last_restore else "none"
     cp2.close()
 
     from ckpt.control.client import DaemonClient
@@ -277,7 +277,7 @@ def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int) -> d
     t0 = time.perf_counter()
     cp3.restore()
     out["restore_disk_s"] = time.perf_counter() - t0
-    out["restore_disk_tier"] = getattr(cp3, "last_restore_tier", "disk")
+    out["restore_disk_tier"] = cp3.last_restore.tier if cp3.last_restore else "none"
     cp3.close()
 
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}

@@ -57,6 +57,23 @@ def test_chunk_bigger_than_pieces_is_shared_by_workers_and_crc_combined(threads:
         _copy_and_check(engine, [9 * (1 << 20)], chunk_bytes=1 << 30)
 
 
+@pytest.mark.parametrize(("src_offset", "dst_offset"), [(0, 0), (3, 3), (3, 0), (0, 5), (8, 1)])
+def test_big_copies_stream_past_the_cache_and_stay_exact_at_any_alignment(src_offset, dst_offset):
+    """Copies of >= 256 KiB use non-temporal stores when source and destination agree on
+    their 8-byte alignment; every other case takes the cached path. Both give the same bytes."""
+    nbytes = 3 * (1 << 20) + 13
+    src = _random(nbytes + src_offset, seed=4)[src_offset:]
+    dst = np.zeros(nbytes + dst_offset + 64, dtype=np.uint8)
+    dst[-64:] = 0xAB  # guard after the copy
+    out = dst[dst_offset:dst_offset + nbytes]
+    crcs = np.zeros(1, dtype=np.uint32)
+    with _C.CopyEngine(1) as engine:
+        engine.submit([(src.ctypes.data, out.ctypes.data, nbytes)], 1 << 30, crcs.ctypes.data).wait(30)
+    assert np.array_equal(out, src)
+    assert int(crcs[0]) == _C.crc32c(src)
+    assert (dst[-64:] == 0xAB).all() and not dst[:dst_offset].any()
+
+
 def test_chunk_bigger_than_job_gives_one_chunk_per_job() -> None:
     assert _C.num_chunks([10, 20, 30], 1 << 20) == 3
     with _C.CopyEngine(2) as engine:
