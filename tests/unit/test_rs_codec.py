@@ -11,20 +11,10 @@ import random
 import numpy as np
 import pytest
 
+from gf_reference import gf_mul_bitwise as gf_mul
+
 from ckpt.errors import CkptError, CodecError
 from ckpt.redundancy import RSCodec, available_isas, cauchy_matrix, default_isa
-
-
-def gf_mul(a: int, b: int) -> int:
-    p = 0
-    while b:
-        if b & 1:
-            p ^= a
-        b >>= 1
-        a <<= 1
-        if a & 0x100:
-            a ^= 0x11D
-    return p
 
 
 def parity_reference(matrix: bytes, k: int, m: int, data: list[bytes]) -> list[bytes]:
