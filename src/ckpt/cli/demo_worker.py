@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         import torch.distributed as dist
 
+        # destroy_process_group() waits for this rank's pending works; one that needs a peer
+        # which already left never ends (seen once in CI: rank 1 hung there after rank 0
+        # exited). A gloo barrier completes only after every earlier work, on both ranks.
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
