@@ -220,3 +220,10 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
         Checkpointer(model, make_optim(model), dir=tmp_path, job="bad/job")
     with pytest.raises(ConfigError, match=r"copy_nice must be an int in \[0, 19\]"):
         Checkpointer(model, make_optim(model), dir=tmp_path, copy_nice=20)
+    from ckpt import PipelinePosition
+
+    with pytest.raises(ConfigError, match="initialise torch.distributed"):
+        Checkpointer(model, make_optim(model), dir=tmp_path,
+                     pipeline=PipelinePosition(stage=0, num_stages=3))
+    with pytest.raises(ConfigError, match="pipeline must be a ckpt.PipelinePosition"):
+        Checkpointer(model, make_optim(model), dir=tmp_path, pipeline=3)

@@ -103,6 +103,12 @@ class Checkpointer:
         self.process_group = process_group
         self.rank, self.world_size = _rank_and_world(process_group)
         self.pipeline = pipeline
+        if pipeline is not None and max(map(pipeline.rank_of, range(pipeline.num_stages))) \
+                >= self.world_size:
+            raise ConfigError(f"PipelinePosition has {pipeline.num_stages} stages on ranks "
+                              f"{[pipeline.rank_of(s) for s in range(pipeline.num_stages)]}, "
+                              f"but the process group has {self.world_size} rank(s); initialise "
+                              f"torch.distributed (one rank per stage) before the Checkpointer")
         if pipeline is not None and pipeline.rank_of(pipeline.stage) != self.rank:
             raise ConfigError(f"PipelinePosition says stage {pipeline.stage} is rank "
                               f"{pipeline.rank_of(pipeline.stage)}, but this process is rank "
