@@ -108,6 +108,18 @@ def ensure_daemon(socket_path: str | Path | None = None, timeout_s: float = 10.0
         # Someone may have started it while we waited for the lock.
         if client.ping(timeout_s=0.5):
             return client
+        # A live daemon that is slow to answer (starting, or a loaded machine): wait for it
+        # rather than start a second one.
+        while _other_daemon_running(socket_path) and time.monotonic() < deadline:
+            if client.ping(timeout_s=0.5):
+                return client
+            time.sleep(_POLL_S)
+        if _other_daemon_running(socket_path):
+            client.close()
+            raise DaemonUnavailableError(
+                f"the ckpt daemon named by {sidecar_path(socket_path, 'pid')} is running but did "
+                f"not answer on {socket_path} within {timeout_s} s; see "
+                f"{sidecar_path(socket_path, 'log')}, or stop it and remove the pid file")
         pid, log_path = _launch(socket_path, tuple(extra_args))
         while time.monotonic() < deadline:
             if client.ping(timeout_s=0.5):
