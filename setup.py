@@ -173,7 +173,8 @@ class BuildExt(build_ext):
         objects = []
         for src in CUDA_SOURCES[ext.name]():
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-            deps = [src] + glob.glob(os.path.join(os.path.dirname(src), "*.h"))
+            deps = [src] + glob.glob(os.path.join(os.path.dirname(src), "*.h")) + [
+                os.path.join("csrc", "cuda_device.h")]
             if not self.force and os.path.exists(obj) and all(
                 os.path.getmtime(obj) >= os.path.getmtime(d) for d in deps
             ):

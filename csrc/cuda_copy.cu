@@ -3,36 +3,13 @@
 #include <cuda_runtime.h>
 
 #include "cuda_copy.h"
+#include "cuda_device.h"
 
 namespace ckpt_cuda {
-namespace {
 
-// Runs on `device`, restoring the caller's current device afterwards (torch
-// keeps its own notion of the current device; leave it as found).
-struct DeviceGuard {
-  int prev = -1;
-  cudaError_t err = cudaSuccess;
-  explicit DeviceGuard(int device) {
-    err = cudaGetDevice(&prev);
-    if (err == cudaSuccess && prev != device) err = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-  }
-};
+using ckpt_cuda_common::DeviceGuard;
 
-}  // namespace
-
-int device_count(int* count) {
-  *count = 0;
-  cudaError_t err = cudaGetDeviceCount(count);
-  if (err != cudaSuccess) {
-    *count = 0;
-    cudaGetLastError();  // clear the sticky-free error so later calls start clean
-  }
-  return static_cast<int>(err);
-}
+int device_count(int* count) { return ckpt_cuda_common::device_count(count); }
 
 int host_register(void* addr, size_t nbytes) {
   return static_cast<int>(cudaHostRegister(addr, nbytes, cudaHostRegisterPortable));

@@ -7,6 +7,8 @@
 // so a call allocates nothing and copies nothing to the device.
 #include <cuda_runtime.h>
 
+#include "cuda_device.h"
+
 #include <cstring>
 #include <vector>
 
@@ -125,30 +127,11 @@ __global__ void __launch_bounds__(kThreads) ec_dot(const Desc d) {
 
 size_t desc_bytes(int cols, int rows) { return 24 + size_t(cols + rows) * 8 + size_t(rows) * cols * 2; }
 
-struct DeviceGuard {
-  int prev = -1;
-  cudaError_t err = cudaSuccess;
-  explicit DeviceGuard(int device) {
-    err = cudaGetDevice(&prev);
-    if (err == cudaSuccess && prev != device) err = cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
-  }
-};
+using ckpt_cuda_common::DeviceGuard;
 
 }  // namespace
 
-int device_count(int* count) {
-  *count = 0;
-  cudaError_t err = cudaGetDeviceCount(count);
-  if (err != cudaSuccess) {
-    *count = 0;
-    cudaGetLastError();
-  }
-  return static_cast<int>(err);
-}
+int device_count(int* count) { return ckpt_cuda_common::device_count(count); }
 
 int dot(int device, const uint64_t* src, int cols, const uint64_t* dst, int rows, const uint8_t* coefs,
         uint64_t len, uint64_t stream, bool accumulate, const char** failed_call) {

@@ -153,16 +153,29 @@ class _Wire:
         return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
 
     def send(self, tensor: torch.Tensor, rank: int) -> None:
-        self.dist.send(tensor.detach().contiguous().to(self.device), self._global(rank),
-                       group=self.group)
+        try:
+            self.dist.send(tensor.detach().contiguous().to(self.device), self._global(rank),
+                           group=self.group)
+        except RuntimeError as exc:  # a dead peer: the backend's timeout or a reset
+            raise self._peer_lost("send to", rank, exc) from exc
 
     def recv(self, like: torch.Tensor | tuple[torch.dtype, Sequence[int]], rank: int) -> torch.Tensor:
         if isinstance(like, torch.Tensor):
             buf = torch.empty(like.shape, dtype=like.dtype, device=self.device)
         else:
             buf = torch.empty(list(like[1]), dtype=like[0], device=self.device)
-        self.dist.recv(buf, self._global(rank), group=self.group)
+        try:
+            self.dist.recv(buf, self._global(rank), group=self.group)
+        except RuntimeError as exc:
+            raise self._peer_lost("receive from", rank, exc) from exc
         return buf
+
+    @staticmethod
+    def _peer_lost(what: str, rank: int, exc: BaseException) -> StageRebuildError:
+        return StageRebuildError(f"CheckFree could not {what} rank {rank} of the process group "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); the peer died or "
+                                 f"hung during the rebuild: restart the job (torchrun restarts "
+                                 f"every worker) and restore again")
 
     def all_ok(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=self.device)
@@ -222,7 +235,9 @@ def _pack_aux(job_state: Mapping[str, Any]) -> tuple[bytes, list[torch.Tensor]]:
 
 def _send_to(wire: _Wire, target_rank: int, step: int, state: Mapping[str, torch.Tensor] | None,
              grad_norm: float | None, job_state: Mapping[str, Any] | None,
-             state_step: int) -> tuple[bytes, list]:
+             state_step: int) -> list[torch.Tensor]:
+    """Header, gradient norm and job-state JSON to ``target_rank``; returns the job state's
+    tensors, which follow the model tensors once every rank agreed on the headers."""
     blob, aux_tensors = _pack_aux(job_state) if job_state is not None else (b"", [])
     header = torch.tensor([_MAGIC, step, state_fingerprint(state) if state is not None else 0,
                            len(state) if state is not None else -1, len(blob),
@@ -232,7 +247,7 @@ def _send_to(wire: _Wire, target_rank: int, step: int, state: Mapping[str, torch
               target_rank)
     if blob:
         wire.send(torch.frombuffer(bytearray(blob), dtype=torch.uint8), target_rank)
-    return blob, aux_tensors
+    return aux_tensors
 
 
 def _recv_from(wire: _Wire, source_rank: int) -> _Incoming:
@@ -305,7 +320,7 @@ def exchange_and_rebuild(position: PipelinePosition, choice: RebuildChoice, *,
                 send_state = replica["state"] if replica else None
                 state_step = int(replica["step"]) if replica else -1
             outgoing[r.stage] = _send_to(wire, position.rank_of(r.stage), choice.step, send_state,
-                                         my_grad_norm, job, state_step)[1]
+                                         my_grad_norm, job, state_step)
             if send_state is not None:
                 sent_states[r.stage] = send_state
     problems: list[str] = []
