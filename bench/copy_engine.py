@@ -58,7 +58,7 @@ def measure(nbytes: int, repeats: int) -> dict:
 
 
 # (dst - src) % 4096 for the offset sweep: where streaming stores and 4 KiB aliasing meet.
-OFFSETS = (0, 8, 16, 64, 128, 192, 256, 1024, 2048, 4032, 4080, 4088)
+OFFSETS = (0, 8, 16, 64, 128, 192, 256, 512, 1024, 2048, 4032, 4080, 4088)
 
 
 def by_offset(src: np.ndarray, chunk_bytes: int, repeats: int) -> dict:

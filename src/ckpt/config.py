@@ -68,6 +68,13 @@ class CheckpointerConfig:
     0.81-0.90. Off by default: CPU kernels may round differently with another thread
     count, and the switch happens when the copy ends, so a run is no longer bitwise
     reproducible (resume stays exact: the snapshot holds the state as it was)."""
+    segment_wait_s: float = 1.0
+    """How long a ``step()`` that needs a new segment (the first one, or a state that
+    outgrew its slots) waits for it. The daemon reserves and pre-faults both slots, which
+    takes seconds for a big state (2.4 GB: 4 s on the 2-core CI VM); past this wait the
+    segment is finished in the background, those steps are not snapshotted (counted in
+    ``stats.snapshots_skipped``) and snapshots start with the first step after it is ready.
+    ``close()`` snapshots the last step if it was one of them."""
     start_daemon: bool = True
     """Start a node daemon (detached) when none answers; False: use one or go without."""
     daemon_timeout_s: float = 10.0
@@ -101,6 +108,10 @@ class CheckpointerConfig:
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 4096 or self.chunk_bytes % 64:
             raise ConfigError(f"chunk_bytes must be an int >= 4096 and a multiple of 64, "
                               f"got {self.chunk_bytes!r} (default {DEFAULT_CHUNK_BYTES})")
+        if not isinstance(self.segment_wait_s, (int, float)) or isinstance(self.segment_wait_s, bool) \
+                or not self.segment_wait_s >= 0:
+            raise ConfigError(f"segment_wait_s must be a number >= 0 (0: never wait for a new "
+                              f"segment), got {self.segment_wait_s!r}")
         for name in ("daemon_timeout_s", "daemon_retry_s", "wait_timeout_s", "persist_timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:

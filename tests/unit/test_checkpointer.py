@@ -220,6 +220,8 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
         Checkpointer(model, make_optim(model), dir=tmp_path, job="bad/job")
     with pytest.raises(ConfigError, match=r"copy_nice must be an int in \[0, 19\]"):
         Checkpointer(model, make_optim(model), dir=tmp_path, copy_nice=20)
+    with pytest.raises(ConfigError, match=r"segment_wait_s must be a number >= 0"):
+        Checkpointer(model, make_optim(model), dir=tmp_path, segment_wait_s=-1)
     from ckpt import PipelinePosition
 
     with pytest.raises(ConfigError, match="initialise torch.distributed"):

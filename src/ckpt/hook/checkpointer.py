@@ -11,7 +11,9 @@ Who calls what, in which order (every rank of a job, on its training thread)::
 
 ``step()`` only blocks when the previous snapshot has not been sealed yet (the
 copy itself is waited for by the optimizer's step pre-hook, the one blocking
-point of the lazy copy). Not thread-safe: call it from the training thread.
+point of the lazy copy), and up to ``segment_wait_s`` when a new shared-memory
+segment is needed (the first step; the rest of its creation runs in the
+background). Not thread-safe: call it from the training thread.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ckpt.config import DEFAULT_CHUNK_BYTES, CheckpointerConfig
 from ckpt.errors import CkptError, ConfigError
 from ckpt.hook.committer import CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
-from ckpt.hook.segments import acquire_segment
+from ckpt.hook.segments import SegmentRequest
 from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
 from ckpt.recovery.checkfree.gradnorm import gradient_norm
 from ckpt.recovery.checkfree.position import PipelinePosition
@@ -50,7 +52,8 @@ class CheckpointerStats:
     """Counters since construction; times in seconds."""
 
     snapshots_taken: int = 0       # sealed into memory
-    snapshots_skipped: int = 0     # the slot was held by a reader (persist): never waited for
+    snapshots_skipped: int = 0     # a reader (persist) held the slot, or the segment was still
+                                   # being created: never waited for
     last_step_call_s: float = 0.0  # wall time of the last step() call
     max_step_call_s: float = 0.0
     last_stall_s: float = 0.0      # last time the optimizer pre-hook blocked for a copy
@@ -123,6 +126,10 @@ class Checkpointer:
         self._switch_to: str | None = None
         self._plan = None
         self._pending: PendingSnapshot | None = None  # copy not yet waited for by the pre-hook
+        self._segment_request: SegmentRequest | None = None  # a segment being made off-thread
+        self._skips_without_segment = 0
+        self._unsnapshotted: tuple[int, int] | None = None  # (step, _state_changes then)
+        self._state_changes = 0  # optimizer steps and state loads so far
         self._stats = CheckpointerStats()
         self._stats_lock = threading.Lock()
         self._closed = False
@@ -131,8 +138,8 @@ class Checkpointer:
         self._committer = Committer(self._finish, self._on_commit, self.config.wait_timeout_s)
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step()),
-            optimizer.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
-            model.register_load_state_dict_pre_hook(lambda *_: self._wait_copy()),
+            optimizer.register_load_state_dict_pre_hook(lambda *_: self._before_state_change()),
+            model.register_load_state_dict_pre_hook(lambda *_: self._before_state_change()),
         ]
 
     # -- public API -------------------------------------------------------------------------
@@ -185,6 +192,23 @@ class Checkpointer:
             self._replicate(step)
         if step % self.config.every:
             return
+        self._take(step)
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self._stats = replace(self._stats, last_step_call_s=elapsed,
+                                  max_step_call_s=max(self._stats.max_step_call_s, elapsed))
+
+    def ready(self, timeout_s: float | None = None) -> bool:
+        """Whether the next ``step()`` can be snapshotted: its segment exists, or the one
+        being created (asked for by an earlier ``step()``) is done within ``timeout_s``.
+        False before the first ``step()``, which is when the state's size is known."""
+        req = self._segment_request
+        if req is None:
+            return self._segment is not None
+        return req.wait(timeout_s) and req.error is None
+
+    def _take(self, step: int) -> None:
+        """Begin the snapshot of ``step`` (the live state), or count it as skipped."""
         self._wait_copy()
         if not self._committer.wait_idle(self.config.wait_timeout_s):
             raise CkptError(f"the snapshot before step {step} was not sealed within "
@@ -208,15 +232,10 @@ class Checkpointer:
             with self._stats_lock:
                 self._stats = replace(self._stats,
                                       snapshots_skipped=self._stats.snapshots_skipped + 1)
-            log.info("ckpt: skipped the snapshot of step %d: a reader holds the slot", step)
         else:
             self._pending = pending
             self._committer.submit(pending)
             self._yield_cores(pending)
-        elapsed = time.perf_counter() - t0
-        with self._stats_lock:
-            self._stats = replace(self._stats, last_step_call_s=elapsed,
-                                  max_step_call_s=max(self._stats.max_step_call_s, elapsed))
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until the last snapshot is sealed; True when it is (or none was taken).
@@ -233,8 +252,12 @@ class Checkpointer:
         self._closed = True
         try:
             self._committer.wait_idle(self.config.wait_timeout_s)
+            self._snapshot_skipped_last()
             self._persist_newest()
         finally:
+            if self._segment_request is not None:
+                self._segment_request.abandon()
+                self._segment_request = None
             for h in self._hooks:
                 h.remove()
             if self._module_hook is not None:
@@ -281,16 +304,35 @@ class Checkpointer:
         data = int(self._plan.layout.data_bytes * self.config.slot_headroom)
         return slot_bytes_for(self._plan.layout, meta_estimate) + (data - self._plan.layout.data_bytes)
 
-    def _ensure_segment(self, need_bytes: int) -> None:
-        if self._switch_to is not None and self._segment is not None \
-                and self._segment.name != self._switch_to:
-            self._drop_segment()
-        self._switch_to = None
-        if self._segment is not None and self._segment.slot_bytes >= need_bytes:
+    def _poll_segment(self, need: int | None, wait_s: float | None = None) -> None:
+        """Start a background request for a segment of ``need``-byte slots (waited for up to
+        ``wait_s``, default ``segment_wait_s``), or look at the running one (``wait_s``,
+        default 0); a segment that has arrived replaces the current one."""
+        req = self._segment_request
+        if req is not None and need is not None and req.slot_bytes < need:
+            req.abandon()  # the state grew past what it asks for
+            req = self._segment_request = None
+        if req is None:
+            if need is None:
+                return
+            req = self._segment_request = SegmentRequest(self.link, self.config.job, self.rank,
+                                                         need)
+            wait_s = self.config.segment_wait_s if wait_s is None else wait_s
+        try:
+            seg = req.result(0.0 if wait_s is None else wait_s)
+        except BaseException:
+            self._segment_request = None
+            raise
+        if seg is None:
             return
+        self._segment_request = None
         self._drop_segment()
-        self._segment = acquire_segment(self.link, self.config.job, self.rank, need_bytes)
-        self._stager = SlotStager(self._segment, self.engine)
+        self._segment, self._stager = seg, SlotStager(seg, self.engine)
+        self._switch_to = None
+        if self._skips_without_segment:
+            log.info("ckpt: segment %s is ready; snapshots start again (%d step(s) were not "
+                     "snapshotted while it was created)", seg.name, self._skips_without_segment)
+            self._skips_without_segment = 0
 
     def _drop_segment(self) -> None:
         if self._stager is not None:
@@ -301,17 +343,58 @@ class Checkpointer:
             self._segment = None
 
     def _begin(self, step: int, meta: dict, sources: list) -> PendingSnapshot | None:
-        need = None
-        if self._segment is None or self._switch_to is not None:
-            need = self._slot_bytes_needed(meta)
-            self._ensure_segment(need)
+        if self._switch_to is not None:
+            if self._segment is not None and self._segment.name != self._switch_to:
+                # The daemon (restarted) wants another segment: this one serves meanwhile.
+                self._poll_segment(self._slot_bytes_needed(meta), wait_s=0.0)
+            else:
+                self._switch_to = None
+        if self._segment is None:
+            self._poll_segment(self._slot_bytes_needed(meta))
+            if self._segment is None:
+                return self._skip_without_segment(step)
         try:
-            return self._stager.begin(step, self._plan, sources, meta)
+            pending = self._stager.begin(step, self._plan, sources, meta)
         except SlotTooSmallError:
             need = max(self._slot_bytes_needed(meta), self._segment.slot_bytes + 4096)
             log.info("ckpt: the state outgrew the segment; registering %d-byte slots", need)
-            self._ensure_segment(need)
-            return self._stager.begin(step, self._plan, sources, meta)
+            self._drop_segment()
+            self._poll_segment(need)
+            if self._segment is None:
+                return self._skip_without_segment(step)
+            pending = self._stager.begin(step, self._plan, sources, meta)
+        if pending is None:
+            log.info("ckpt: skipped the snapshot of step %d: a reader holds the slot", step)
+        else:
+            self._unsnapshotted = None
+        return pending
+
+    def _skip_without_segment(self, step: int) -> None:
+        self._unsnapshotted = (step, self._state_changes)
+        self._skips_without_segment += 1
+        if self._skips_without_segment == 1:
+            log.info("ckpt: the %.2f GB shared-memory segment is being created in the background; "
+                     "step %d and the steps until it is ready are not snapshotted",
+                     2 * self._segment_request.slot_bytes / 1e9, step)
+        return None
+
+    def _snapshot_skipped_last(self) -> None:
+        """close(): the last step() found no segment yet; snapshot it now if the live state
+        is still that step's (no optimizer step or state load since)."""
+        if self._unsnapshotted is None:
+            return
+        step, changes = self._unsnapshotted
+        if changes != self._state_changes:
+            log.warning("ckpt: step %d was not snapshotted (its segment was still being created) "
+                        "and the optimizer has stepped since; close() cannot save it", step)
+            return
+        try:
+            if self._segment_request is not None:
+                self._segment_request.wait(self.config.wait_timeout_s)
+            self._take(step)
+            self._committer.wait_idle(self.config.wait_timeout_s)
+        except Exception as exc:  # close() still persists what it has
+            log.warning("ckpt: could not snapshot step %d at close(): %s", step, exc)
 
     def _yield_cores(self, pending: PendingSnapshot) -> None:
         threads = torch.get_num_threads()
@@ -340,10 +423,15 @@ class Checkpointer:
         self._replicas.update(received)
 
     def _before_optimizer_step(self) -> None:
-        self._wait_copy()
+        self._before_state_change()
         if self.pipeline is not None:
             # The gradients the optimizer is about to apply: after the caller's clipping.
             self._grad_norm = gradient_norm(self.model.parameters())
+
+    def _before_state_change(self) -> None:
+        """Optimizer step or load_state_dict: the state is about to change."""
+        self._wait_copy()
+        self._state_changes += 1
 
     def _wait_copy(self) -> None:
         """The only blocking point of the lazy copy (optimizer.step / load_state_dict)."""

@@ -1,6 +1,7 @@
 """Getting a segment to write snapshots into: from the daemon, else by name.
 
-The daemon creates segments (so they outlive the trainer). When no daemon can
+The daemon creates segments (so they outlive the trainer); ``SegmentRequest`` does
+it off the training thread. When no daemon can
 be reached the trainer opens the newest generation of its (job, rank) segment
 by its deterministic name (INTERNALS §2), or creates the next generation
 itself; a daemon started later adopts it by scanning /dev/shm.
@@ -9,6 +10,7 @@ itself; a daemon started later adopts it by scanning /dev/shm.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from ckpt.control.paths import segment_name
@@ -61,3 +63,56 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> A
         generation = 0
     slot_bytes = -(-slot_bytes // 4096) * 4096
     return _C.Segment.create(segment_name(job, rank, generation), slot_bytes)
+
+
+class SegmentRequest:
+    """``acquire_segment`` on a thread of its own: creating a big segment takes seconds
+    (the daemon reserves and pre-faults both slots), and training must not wait for it."""
+
+    def __init__(self, link: DaemonLink, job: str, rank: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._segment: Any = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, args=(link, job, rank, slot_bytes),
+                                        name=f"ckpt-segment-r{rank}", daemon=True)
+        self._thread.start()
+
+    def _run(self, link: DaemonLink, job: str, rank: int, slot_bytes: int) -> None:
+        try:
+            seg = acquire_segment(link, job, rank, slot_bytes)
+        except BaseException as exc:  # handed to the training thread by result()
+            seg, self._error = None, exc
+        with self._lock:
+            self._segment = seg
+            if self._abandoned and seg is not None:
+                seg.close()
+                self._segment = None
+        self._done.set()
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """True once the request has ended (with a segment or an error)."""
+        return self._done.wait(timeout_s)
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the request failed, once it has."""
+        return self._error
+
+    def result(self, timeout_s: float | None) -> Any:
+        """The open segment, or None while it is still being made; re-raises its error."""
+        if not self._done.wait(timeout_s):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._segment
+
+    def abandon(self) -> None:
+        """Nobody will take the segment: close it now or when it arrives."""
+        with self._lock:
+            self._abandoned = True
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None
