@@ -51,6 +51,20 @@ def test_every_nth_step_is_persisted_as_a_complete_verified_step_dir(daemon, job
     t.close()
 
 
+def test_a_commit_the_watcher_saw_first_gets_the_same_answer(daemon, job, tmp_path):
+    """The watcher polls commit words, so it can record a seal before the trainer's Commit
+    arrives; that Commit must still say whether the step was scheduled for persistence."""
+    core, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=2, keep=0)
+    for step in (1, 2, 3):
+        slot, seq = t.write(step, make_payload(step, job=job))
+        core.watch.tick()  # as if the watcher woke between the seal and the Commit
+        assert client.commit(job, 0, slot, step, seq) == (step == 2)
+    wait_until(lambda: complete_steps(out) == [2], what="step 2 on disk")
+    t.close()
+
+
 @pytest.fixture
 def slow_disk(monkeypatch):
     """Every persist's write to disk takes at least 0.6 s (staging stays fast)."""

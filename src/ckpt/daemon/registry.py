@@ -75,6 +75,7 @@ class SegmentEntry:
     adopted: bool = False
     released: bool = False
     last_commit: tuple[int, int, int] | None = None  # (slot, step, seq) recorded
+    last_commit_scheduled: bool = False  # whether recording last_commit scheduled a persist
     last_persisted_step: int = -1
     owner_dead_since_s: float | None = None
     errors: collections.deque = field(default_factory=lambda: collections.deque(

@@ -105,13 +105,16 @@ class DaemonCore:
         """Record a commit (from Commit or the watcher); schedule persistence."""
         with self._lock:
             if entry.last_commit is not None and seq <= entry.last_commit[2]:
-                return False
+                # Already recorded: the watcher may see a seal before its Commit arrives.
+                # The Commit gets the answer the first recording got.
+                return seq == entry.last_commit[2] and entry.last_commit_scheduled
             entry.last_commit = (slot, step, seq)
             cfg = entry.config
             if (cfg.persist_dir and cfg.persist_every > 0 and step % cfg.persist_every == 0
                     and step > entry.last_persisted_step):
                 self._pending_step[entry.job] = max(step, self._pending_step.get(entry.job, -1))
-            return self._schedule_pending(entry.job)
+            entry.last_commit_scheduled = self._schedule_pending(entry.job)
+            return entry.last_commit_scheduled
 
     def _schedule_pending(self, job: str) -> bool:
         step = self._pending_step.get(job)
