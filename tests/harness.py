@@ -87,12 +87,40 @@ def run_worker(args: list[str], *, attempt: int = 0, kill_after_step: int | None
 
 
 def run_torchrun(args: list[str], *, nproc: int = 2, max_restarts: int = 0,
-                 timeout_s: float = 600) -> subprocess.CompletedProcess:
-    """Launch the trainer the way torchrun launches it (elastic agent, restarts on failure)."""
+                 timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """Launch the trainer the way torchrun launches it (elastic agent, restarts on failure).
+
+    A launch still running after ``timeout_s`` (below pytest's 300 s, so its output is
+    kept) is SIGKILLed with all its workers, and the test fails with the output's tail.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "--monitor-interval=0.2",
            "-m", "ckpt.cli.demo_worker", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun did not finish within {timeout_s} s; killed it and its "
+                             f"workers.\nstdout tail:\n{out[-3000:]}\nstderr tail:\n{err[-6000:]}"
+                             ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (workers of a hung launcher must not linger)."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def records_of(stdout: str) -> list[dict]:
