@@ -49,9 +49,9 @@ constexpr size_t kStreamMinBytes = 256 * 1024;
 // ...unless the destination is a little ahead of the source modulo 4 KiB: a load
 // then matches the low 12 address bits of a streaming store a few iterations old,
 // which cannot forward, so the load waits for the write-combining buffer to drain.
-// Measured on AMD Zen 3 (1 thread): 0.12-0.2 GB/s for (dst - src) % 4096 in
-// 8..128, about 2 GB/s at 0 and 4088, 5.5-7.8 GB/s from 192 to 4080; cached
-// stores run at 3.3-5 GB/s whatever the offsets. The unsafe distance grows with
+// bench/copy_engine.py on AMD Zen 3 (1 thread): 0.13-0.18 GB/s for (dst - src) %
+// 4096 in 8..64, 1.6-3 GB/s at 0, 128, 4080 and 4088, 6.2-9.2 GB/s from 192 to
+// 4032; cached stores run at 5.4-6.8 GB/s whatever the offsets. The unsafe distance grows with
 // the store buffer (3 stores per 8 bytes of distance: Zen 3's 64 entries reach
 // ~170 bytes, Golden Cove's 114 ~300), so stream only from 512 bytes ahead.
 constexpr size_t kStreamMinAheadBytes = 512;

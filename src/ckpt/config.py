@@ -71,7 +71,7 @@ class CheckpointerConfig:
     segment_wait_s: float = 1.0
     """How long a ``step()`` that needs a new segment (the first one, or a state that
     outgrew its slots) waits for it. The daemon reserves and pre-faults both slots, which
-    takes seconds for a big state (2.4 GB: 4 s on the 2-core CI VM); past this wait the
+    takes seconds for a big state (3 GB: 5.6 s on the 2-core CI VM); past this wait the
     segment is finished in the background, those steps are not snapshotted (counted in
     ``stats.snapshots_skipped``) and snapshots start with the first step after it is ready.
     ``close()`` snapshots the last step if it was one of them."""

@@ -1,7 +1,7 @@
 """The node segment is created in the background: a slow creation never blocks step().
 
 A big state takes seconds to get its segment (the daemon reserves and pre-faults two
-slots; 2.4 GB took 4 s here, 2.7 GB 8.7 s on another VM). The daemon is made slow for
+slots; 3 GB took 5.6 s in bench/snapshot_stall.py). The daemon is made slow for
 real here: SIGSTOP freezes it inside the trainer's Register call, SIGCONT lets it answer.
 """
 

@@ -304,22 +304,20 @@ class Checkpointer:
         data = int(self._plan.layout.data_bytes * self.config.slot_headroom)
         return slot_bytes_for(self._plan.layout, meta_estimate) + (data - self._plan.layout.data_bytes)
 
-    def _poll_segment(self, need: int | None, wait_s: float | None = None) -> None:
+    def _poll_segment(self, need: int, wait_s: float | None = None) -> None:
         """Start a background request for a segment of ``need``-byte slots (waited for up to
         ``wait_s``, default ``segment_wait_s``), or look at the running one (``wait_s``,
         default 0); a segment that has arrived replaces the current one."""
         req = self._segment_request
-        if req is not None and need is not None and req.slot_bytes < need:
+        if req is not None and req.slot_bytes < need:
             req.abandon()  # the state grew past what it asks for
-            req = self._segment_request = None
+            req = None
         if req is None:
-            if need is None:
-                return
             req = self._segment_request = SegmentRequest(self.link, self.config.job, self.rank,
                                                          need)
             wait_s = self.config.segment_wait_s if wait_s is None else wait_s
         try:
-            seg = req.result(0.0 if wait_s is None else wait_s)
+            seg = req.result(wait_s or 0.0)
         except BaseException:
             self._segment_request = None
             raise
