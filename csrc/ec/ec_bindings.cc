@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -96,14 +97,26 @@ std::string label_of(py::handle labels, size_t i, const char* fallback) {
   return py::str(item);
 }
 
-// A list or tuple as is; any other sequence copied into a list.
-py::object fast_sequence(py::handle obj, const std::string& call, const std::string& what) {
-  PyObject* f = PySequence_Fast(obj.ptr(), "");
+// A list or tuple as is; any other sequence copied into a list. `what()` names it in the error.
+template <class What>
+py::object fast_sequence(PyObject* obj, const What& what) {
+  PyObject* f = PySequence_Fast(obj, "");
   if (!f) {
     PyErr_Clear();
-    fail(call + ": " + what + " must be a sequence of buffers, got " + type_name(obj.ptr()));
+    fail(what() + " must be a sequence of buffers, got " + type_name(obj));
   }
   return py::reinterpret_steal<py::object>(f);
+}
+
+// A str argument as UTF-8 (errors only); `fallback` when it is None or not a str.
+std::string str_of(PyObject* obj, const char* fallback) {
+  if (obj == nullptr || !PyUnicode_Check(obj)) return fallback;
+  const char* s = PyUnicode_AsUTF8(obj);
+  if (s == nullptr) {
+    PyErr_Clear();
+    return fallback;
+  }
+  return s;
 }
 
 bool overlaps(const uint8_t* a, const uint8_t* b, size_t n) { return a < b + n && b < a + n; }
@@ -131,37 +144,40 @@ class PyPlan {
     return s;
   }
 
-  // dst[r] (^)= XOR_j coefs[r][j] * src[j]. Returns the shard length.
-  size_t apply(py::handle src_seq, py::handle dst_seq, bool accumulate, int threads,
-               const std::string& call, py::handle src_labels, const std::string& dst_label) {
-    py::object srcs = fast_sequence(src_seq, call, "the input shards");
-    py::object dsts = fast_sequence(dst_seq, call, dst_label);
+  // dst[r] (^)= XOR_j coefs[r][j] * src[j]. Returns the shard length. `call`, `src_labels`
+  // and `dst_label` only name things in errors, so they are read only when one is raised.
+  size_t apply(PyObject* src_seq, PyObject* dst_seq, bool accumulate, int threads, PyObject* call_obj,
+               py::handle src_labels, PyObject* dst_label_obj) {
+    auto call = [&] { return str_of(call_obj, "Plan.apply"); };
+    auto dst_label = [&] { return str_of(dst_label_obj, "out"); };
+    py::object srcs = fast_sequence(src_seq, [&] { return call() + ": the input shards"; });
+    py::object dsts = fast_sequence(dst_seq, [&] { return call() + ": " + dst_label(); });
     const size_t ns = size_t(PySequence_Fast_GET_SIZE(srcs.ptr()));
     const size_t nd = size_t(PySequence_Fast_GET_SIZE(dsts.ptr()));
     if (ns != size_t(plan_->cols()))
-      fail(call + ": got " + std::to_string(ns) + " input shards; expected " + std::to_string(plan_->cols()));
+      fail(call() + ": got " + std::to_string(ns) + " input shards; expected " + std::to_string(plan_->cols()));
     if (nd != size_t(plan_->rows()))
-      fail(call + ": " + dst_label + " has " + std::to_string(nd) + " buffers; expected " +
+      fail(call() + ": " + dst_label() + " has " + std::to_string(nd) + " buffers; expected " +
            std::to_string(plan_->rows()));
-    if (threads < 1) fail(call + ": threads must be >= 1, got " + std::to_string(threads));
+    if (threads < 1) fail(call() + ": threads must be >= 1, got " + std::to_string(threads));
     Views views(ns + nd);
     const uint8_t* src[256];
     uint8_t* dst[256];
     size_t len = 0;
     for (size_t j = 0; j < ns; j++) {
-      auto label = [&] { return call + ": " + label_of(src_labels, j, "shard"); };
+      auto label = [&] { return call() + ": " + label_of(src_labels, j, "shard"); };
       const Py_buffer& v = views.get(PySequence_Fast_GET_ITEM(srcs.ptr(), j), false, label);
       src[j] = static_cast<const uint8_t*>(v.buf);
       if (j == 0) {
         len = size_t(v.len);
       } else if (size_t(v.len) != len) {
-        fail(call + ": " + label_of(src_labels, j, "shard") + " has " + std::to_string(v.len) +
+        fail(call() + ": " + label_of(src_labels, j, "shard") + " has " + std::to_string(v.len) +
              " bytes but " + label_of(src_labels, 0, "shard") + " has " + std::to_string(len) +
              "; all shards must have the same length (pad the last one)");
       }
     }
     for (size_t r = 0; r < nd; r++) {
-      auto label = [&] { return call + ": " + dst_label + "[" + std::to_string(r) + "]"; };
+      auto label = [&] { return call() + ": " + dst_label() + "[" + std::to_string(r) + "]"; };
       const Py_buffer& v = views.get(PySequence_Fast_GET_ITEM(dsts.ptr(), r), true, label);
       dst[r] = static_cast<uint8_t*>(v.buf);
       if (size_t(v.len) != len)
@@ -172,12 +188,12 @@ class PyPlan {
       for (size_t r = 0; r < nd; r++) {
         for (size_t j = 0; j < ns; j++)
           if (overlaps(dst[r], src[j], len))
-            fail(call + ": " + dst_label + "[" + std::to_string(r) + "] shares memory with " +
+            fail(call() + ": " + dst_label() + "[" + std::to_string(r) + "] shares memory with " +
                  label_of(src_labels, j, "shard") + "; outputs must not overlap the inputs");
         for (size_t q = 0; q < r; q++)
           if (overlaps(dst[r], dst[q], len))
-            fail(call + ": " + dst_label + "[" + std::to_string(r) + "] shares memory with " + dst_label +
-                 "[" + std::to_string(q) + "]; outputs must not overlap each other");
+            fail(call() + ": " + dst_label() + "[" + std::to_string(r) + "] shares memory with " +
+                 dst_label() + "[" + std::to_string(q) + "]; outputs must not overlap each other");
       }
       py::gil_scoped_release nogil;
       plan_->apply(src, dst, len, accumulate, threads);
@@ -194,6 +210,84 @@ class PyPlan {
 py::bytes to_bytes(const std::vector<uint8_t>& v) {
   return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
 }
+
+// Plan.apply(srcs, dsts, accumulate=False, threads=1, call="Plan.apply", src_labels=None,
+// dst_label="out"), parsed by hand (vectorcall: positional and keyword arguments).
+PyObject* plan_apply(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  static const char* const kNames[] = {"srcs", "dsts", "accumulate", "threads", "call", "src_labels", "dst_label"};
+  constexpr Py_ssize_t kMax = 7;
+  PyObject* a[kMax] = {nullptr, nullptr, Py_False, nullptr, nullptr, Py_None, nullptr};
+  try {
+    if (nargs > kMax) fail("Plan.apply takes at most 7 arguments, got " + std::to_string(nargs));
+    for (Py_ssize_t i = 0; i < nargs; i++) a[i] = args[i];
+    const Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+      const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, i));
+      Py_ssize_t slot = -1;
+      for (Py_ssize_t n = 0; name && n < kMax; n++)
+        if (std::strcmp(name, kNames[n]) == 0) slot = n;
+      if (slot < 0 || slot < nargs)
+        fail(std::string("Plan.apply: unexpected or repeated argument '") + (name ? name : "?") + "'");
+      a[slot] = args[nargs + i];
+    }
+    if (!a[0] || !a[1]) fail("Plan.apply needs srcs and dsts");
+    int accumulate = PyObject_IsTrue(a[2]);
+    if (accumulate < 0) throw py::error_already_set();
+    int threads = 1;
+    if (a[3]) {
+      long t = PyLong_AsLong(a[3]);
+      if (t == -1 && PyErr_Occurred()) throw py::error_already_set();
+      threads = t > 1 << 20 ? 1 << 20 : int(t);
+    }
+    py::detail::make_caster<PyPlan> caster;
+    if (!caster.load(self, false)) fail("Plan.apply: self is not a Plan");
+    PyPlan& plan = py::detail::cast_op<PyPlan&>(caster);
+    size_t len = plan.apply(a[0], a[1], accumulate != 0, threads, a[4], a[5], a[6]);
+    return PyLong_FromSize_t(len);
+  } catch (const CodecFailure& e) {
+    PyErr_SetString(g_codec_error, e.what());
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+// none_indices(seq) -> tuple of the positions holding None (decode's missing shards):
+// identity tests only, so no element's __eq__ runs (a numpy array's would not say no).
+PyObject* none_indices(PyObject*, PyObject* seq) {
+  PyObject* f = PySequence_Fast(seq, "none_indices: expected a sequence (the shards, None where missing)");
+  if (f == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(f);
+  PyObject** items = PySequence_Fast_ITEMS(f);
+  Py_ssize_t count = 0;
+  for (Py_ssize_t i = 0; i < n; i++) count += items[i] == Py_None;
+  PyObject* out = PyTuple_New(count);
+  for (Py_ssize_t i = 0, k = 0; out != nullptr && i < n; i++) {
+    if (items[i] != Py_None) continue;
+    PyObject* v = PyLong_FromSsize_t(i);
+    if (v == nullptr) {
+      Py_CLEAR(out);
+      break;
+    }
+    PyTuple_SET_ITEM(out, k++, v);
+  }
+  Py_DECREF(f);
+  return out;
+}
+
+PyMethodDef kNoneIndicesDef = {"none_indices", none_indices, METH_O,
+                               "none_indices(seq) -> tuple of the indices i where seq[i] is None."};
+
+PyMethodDef kApplyDef = {
+    "apply", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(plan_apply)),
+    METH_FASTCALL | METH_KEYWORDS,
+    "apply(srcs, dsts, accumulate=False, threads=1, call='Plan.apply', src_labels=None, dst_label='out')\\n"
+    "dsts[r] (^= when accumulate) XOR_j coefs[r][j] * srcs[j]. Buffers: any C-contiguous buffer\\n"
+    "protocol objects of one length; dsts writable and sharing no memory with srcs or each other.\\n"
+    "Runs with the GIL released on up to `threads` threads. Returns the length. Errors name `call`,\\n"
+    "the input by src_labels[j] (default 'shard j') and outputs as dst_label[r]."};
 
 }  // namespace
 
@@ -323,20 +417,21 @@ PYBIND11_MODULE(_ec, m) {
     return d;
   }, "What cpuid and xgetbv report (each feature only when the OS also saves its registers).");
 
-  py::class_<PyPlan>(m, "Plan",
-                     "A coefficient matrix (rows x cols) prepared for one kernel level. apply() computes\n"
-                     "dst[r] (^)= XOR_j coefs[r][j] * src[j] over equal-length buffers. Thread-safe.")
-      .def(py::init<py::handle, int, int, const std::string&>(), py::arg("coefs"), py::arg("rows"),
+  py::class_<PyPlan> plan_cls(m, "Plan",
+                              "A coefficient matrix (rows x cols) prepared for one kernel level. apply() computes\n"
+                              "dst[r] (^)= XOR_j coefs[r][j] * src[j] over equal-length buffers. Thread-safe.");
+  plan_cls.def(py::init<py::handle, int, int, const std::string&>(), py::arg("coefs"), py::arg("rows"),
            py::arg("cols"), py::arg("isa"))
       .def_property_readonly("rows", [](const PyPlan& p) { return p.plan().rows(); })
       .def_property_readonly("cols", [](const PyPlan& p) { return p.plan().cols(); })
       .def_property_readonly("isa", [](const PyPlan& p) { return std::string(isa_name(p.plan().isa())); })
-      .def_property_readonly("coefs", [](const PyPlan& p) { return to_bytes(p.plan().coefs()); })
-      .def("apply", &PyPlan::apply, py::arg("srcs"), py::arg("dsts"), py::arg("accumulate") = false,
-           py::arg("threads") = 1, py::arg("call") = "Plan.apply", py::arg("src_labels") = py::none(),
-           py::arg("dst_label") = "out",
-           "dsts[r] (^= when accumulate) XOR_j coefs[r][j] * srcs[j]. Buffers: any C-contiguous buffer\n"
-           "protocol objects of one length; dsts writable and sharing no memory with srcs or each other.\n"
-           "Runs with the GIL released on up to `threads` threads. Returns the length. Errors name `call`,\n"
-           "the input by src_labels[j] (default 'shard j') and outputs as dst_label[r].");
+      .def_property_readonly("coefs", [](const PyPlan& p) { return to_bytes(p.plan().coefs()); });
+  // apply is the codec's per-call path: a METH_FASTCALL method instead of a pybind11 one
+  // (whose dispatch took about half of a small call's ~1.2 us).
+  PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(plan_cls.ptr()), &kApplyDef);
+  if (descr == nullptr) throw py::error_already_set();
+  plan_cls.attr("apply") = py::reinterpret_steal<py::object>(descr);
+  PyObject* fn = PyCFunction_NewEx(&kNoneIndicesDef, nullptr, m.ptr());
+  if (fn == nullptr) throw py::error_already_set();
+  m.attr("none_indices") = py::reinterpret_steal<py::object>(fn);
 }

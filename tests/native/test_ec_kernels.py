@@ -197,6 +197,39 @@ def test_apply_accepts_every_buffer_kind_and_rejects_bad_ones() -> None:
         plan.apply([a], [bytearray(100)])
 
 
+
+def test_apply_takes_keywords_and_names_the_call_in_its_errors() -> None:
+    plan = _ec.Plan(_ec.cauchy_matrix(2, 1), 1, 2, "scalar")
+    a, b = np.frombuffer(os.urandom(64), np.uint8), np.frombuffer(os.urandom(64), np.uint8)
+    want, got = np.empty(64, np.uint8), np.empty(64, np.uint8)
+    plan.apply([a, b], [want])
+    assert plan.apply(srcs=[a, b], dsts=[got], threads=2, accumulate=False) == 64
+    assert np.array_equal(got, want)
+    plan.apply([a, b], dsts=[got], accumulate=True)  # x ^ x
+    assert not got.any()
+    with pytest.raises(CodecError, match="unexpected or repeated argument 'bogus'"):
+        plan.apply([a, b], [got], bogus=1)
+    with pytest.raises(CodecError, match="repeated argument 'srcs'"):
+        plan.apply([a, b], [got], srcs=[a, b])
+    with pytest.raises(CodecError, match="needs srcs and dsts"):
+        plan.apply([a, b])
+    with pytest.raises(CodecError, match=r"^RSCodec.encode: parity\[0\] is read-only"):
+        plan.apply([a, b], [bytes(64)], False, 1, "RSCodec.encode", None, "parity")
+    with pytest.raises(CodecError, match=r"^RSCodec.decode: shard 7 has 63 bytes"):
+        plan.apply([a, b[:63]], [got], False, 1, "RSCodec.decode", [3, 7], "out")
+    with pytest.raises(CodecError, match="threads must be >= 1"):
+        plan.apply([a, b], [got], threads=0)
+    with pytest.raises(TypeError):
+        _ec.Plan.apply(3, [a, b], [got])
+
+
+def test_none_indices_finds_missing_shards_by_identity() -> None:
+    shards = [np.zeros(4, np.uint8), None, np.ones(4, np.uint8), None]  # == None on an array is an array
+    assert _ec.none_indices(shards) == (1, 3)
+    assert _ec.none_indices(tuple(shards[:1])) == ()
+    with pytest.raises(TypeError, match="expected a sequence"):
+        _ec.none_indices(5)
+
 def test_plan_refuses_a_level_this_cpu_cannot_run() -> None:
     missing = [lv for lv in LEVELS if lv not in _ec.available_isas()]
     for lv in missing + ["sse9"]:

@@ -130,7 +130,7 @@ class RSCodec:
         if len(shards) != n:
             raise CodecError(f"RSCodec.decode: got {len(shards)} shards; expected k + m = {n} "
                              "(None for the missing ones)")
-        missing = tuple([i for i, s in enumerate(shards) if s is None])
+        missing = _ec.none_indices(shards)
         try:
             key = (missing, None if lost is None else tuple(lost))
             pattern = self._patterns.get(key)
