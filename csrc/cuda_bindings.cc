@@ -77,6 +77,7 @@ class CudaTicket {
   }
 
   uint64_t bytes_total() const { return bytes_total_; }
+  int device() const { return event_->device; }
 
  private:
   std::shared_ptr<Event> event_;
@@ -112,7 +113,9 @@ class CudaCopier {
       v.push_back(j);
     }
     uint64_t side = as_u64(side_stream, call, "side_stream");
-    uint64_t waits = wait_stream.is_none() ? 0 : as_u64(wait_stream, call, "wait_stream");
+    // None: no ordering. Any int, 0 (the legacy default stream) included, is waited on.
+    const bool has_wait = !wait_stream.is_none();
+    uint64_t waits = has_wait ? as_u64(wait_stream, call, "wait_stream") : 0;
     if (side == 0) fail(std::string(call) + ": side_stream must be a non-default stream (torch.cuda.Stream().cuda_stream)");
     auto ev = std::make_shared<Event>();
     ev->device = device_;
@@ -120,7 +123,7 @@ class CudaCopier {
     int err;
     {
       py::gil_scoped_release nogil;
-      err = ckpt_cuda::enqueue_copies(device_, v.data(), v.size(), side, waits, &ev->ev, &failed);
+      err = ckpt_cuda::enqueue_copies(device_, v.data(), v.size(), side, has_wait, waits, &ev->ev, &failed);
     }
     check(err, call, failed);
     return CudaTicket(ev, total);
@@ -201,7 +204,8 @@ PYBIND11_MODULE(_C_cuda, m) {
           "make_stream_wait",
           [](CudaTicket& t, py::handle stream) { t.make_stream_wait(as_u64(stream, "CudaTicket.make_stream_wait", "stream")); },
           py::arg("stream"), "Make `stream` wait for these copies on the device; the host does not block.")
-      .def_property_readonly("bytes_total", &CudaTicket::bytes_total);
+      .def_property_readonly("bytes_total", &CudaTicket::bytes_total)
+      .def_property_readonly("device", &CudaTicket::device, "The device whose copies this ticket tracks.");
 
   py::class_<CudaCopier>(m, "CudaCopier", "Enqueues D2H/H2D copies on a side stream, ordered by events.")
       .def(py::init<int>(), py::arg("device") = 0)
@@ -213,7 +217,8 @@ PYBIND11_MODULE(_C_cuda, m) {
           },
           py::arg("jobs"), py::arg("side_stream"), py::arg("wait_stream") = py::none(),
           "jobs: [(device_src, host_dst, nbytes)]. side_stream first waits for work already queued on "
-          "wait_stream, then copies; returns at once.")
+          "wait_stream (an int handle; 0 is the legacy default stream, waited on like any other; None: "
+          "no ordering), then copies; returns at once.")
       .def(
           "h2d",
           [](CudaCopier& c, py::handle jobs, py::handle side_stream, py::handle wait_stream) {

@@ -17,7 +17,7 @@ int host_register(void* addr, size_t nbytes) {
 
 int host_unregister(void* addr) { return static_cast<int>(cudaHostUnregister(addr)); }
 
-int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream,
+int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream, bool has_wait,
                    uint64_t wait_stream, void** done_event, const char** failed_call) {
   *done_event = nullptr;
   DeviceGuard guard(device);
@@ -27,7 +27,7 @@ int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stre
   }
   auto side = reinterpret_cast<cudaStream_t>(side_stream);
   cudaError_t err;
-  if (wait_stream != 0 && wait_stream != side_stream) {
+  if (has_wait && wait_stream != side_stream) {
     cudaEvent_t ready;
     if ((err = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming)) != cudaSuccess) {
       *failed_call = "cudaEventCreateWithFlags";

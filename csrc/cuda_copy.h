@@ -19,10 +19,12 @@ constexpr int kNotReady = -1;  // event_query: work still pending
 int device_count(int* count);
 int host_register(void* addr, size_t nbytes);
 int host_unregister(void* addr);
-// On `device`: record an event on wait_stream (when non-zero), make side_stream
-// wait on it, enqueue cudaMemcpyAsync for every job, record *done_event on
-// side_stream. On failure *failed_call names the CUDA call that failed.
-int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream,
+// On `device`: when has_wait, record an event on wait_stream and make side_stream
+// wait on it (wait_stream 0 is the legacy default stream, torch's usual current
+// stream: it must be waited on too, since torch's side streams are non-blocking);
+// enqueue cudaMemcpyAsync for every job, record *done_event on side_stream. On
+// failure *failed_call names the CUDA call that failed.
+int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream, bool has_wait,
                    uint64_t wait_stream, void** done_event, const char** failed_call);
 int event_query(void* event);  // 0 done, kNotReady, or a cudaError_t
 int stream_wait_event(int device, uint64_t stream, void* event);

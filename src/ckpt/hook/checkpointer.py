@@ -440,7 +440,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         if pending.cuda_tickets:
             # GPU: the compute stream waits for the D2H on the device; the host goes on.
-            pending.make_stream_wait(torch.cuda.current_stream().cuda_stream)
+            pending.make_stream_wait()
         for t in pending.cpu_tickets:
             if not t.wait(self.config.wait_timeout_s):
                 raise CkptError(f"the snapshot copy of step {pending.step} did not finish "

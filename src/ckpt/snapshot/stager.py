@@ -102,10 +102,11 @@ class PendingSnapshot:
         if self.copy_done_s is None:
             self.copy_done_s = time.perf_counter()
 
-    def make_stream_wait(self, stream: int) -> None:
-        """The given CUDA stream waits for the D2H copies; the host does not."""
+    def make_stream_wait(self) -> None:
+        """The current CUDA stream of each copied device waits for its D2H copies; the
+        host does not."""
         for t in self.cuda_tickets:
-            t.make_stream_wait(stream)
+            t.make_stream_wait(torch.cuda.current_stream(t.device).cuda_stream)
 
 
 class SlotStager:
