@@ -276,6 +276,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("size_bytes", &Segment::size_bytes)
       .def_property_readonly("closed", &Segment::closed)
       .def("slot_address", &Segment::slot_address, py::arg("i"))
+      .def_property_readonly("base_address", &Segment::base_address,
+                             "Address of byte 0 of the mapping (the header); size_bytes long.")
       .def(
           "slot_view",
           [](Segment& s, int i) {

@@ -48,6 +48,9 @@ int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stre
                           jobs[i].nbytes, cudaMemcpyDefault, side);
     if (err != cudaSuccess) {
       *failed_call = "cudaMemcpyAsync";
+      // The copies queued before this one still write into the slot: let them land before
+      // the caller unlocks it, so no late DMA lands in a slot that was handed to the next writer.
+      cudaStreamSynchronize(side);
       return static_cast<int>(err);
     }
   }

@@ -197,6 +197,11 @@ std::shared_ptr<Mapping> Segment::mapping() const {
 uint64_t Segment::slot_bytes() const { return hdr("slot_bytes")->slot_bytes; }
 uint64_t Segment::size_bytes() const { return hdr("size_bytes")->size_bytes; }
 
+uint64_t Segment::base_address() const {
+  hdr("base_address");
+  return reinterpret_cast<uint64_t>(map_->addr);
+}
+
 uint64_t Segment::slot_address(int i) const {
   check_slot("slot_address", i);
   return reinterpret_cast<uint64_t>(map_->addr) + kSegHeaderBytes + static_cast<uint64_t>(i) * slot_bytes();

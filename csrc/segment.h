@@ -75,6 +75,7 @@ class Segment {
   uint64_t slot_bytes() const;
   uint64_t size_bytes() const;
   uint64_t slot_address(int i) const;
+  uint64_t base_address() const;             // byte 0 of the mapping (the header); size_bytes() long
   std::shared_ptr<Mapping> mapping() const;  // throws when closed
 
   bool try_lock(int i, uint64_t owner_pid, const std::string& mode);

@@ -38,7 +38,10 @@ def test_create_open_unlink_round_trip(name: str) -> None:
     other = _C.Segment.open(name)
     assert bytes(other.slot_view(1)[:5]) == b"hello"
     assert other.slot_address(1) - other.slot_address(0) == SLOT_BYTES
+    assert other.slot_address(0) - other.base_address == 4096  # the header, then slot 0
     seg.close(); seg.close(); other.close()
+    with pytest.raises(Exception, match="closed"):
+        other.base_address
     _C.Segment.unlink(name)
     assert not _C.Segment.exists(name)
     _C.Segment.unlink(name)  # a missing name is not an error

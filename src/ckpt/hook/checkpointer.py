@@ -313,8 +313,9 @@ class Checkpointer:
             req.abandon()  # the state grew past what it asks for
             req = None
         if req is None:
-            req = self._segment_request = SegmentRequest(self.link, self.config.job, self.rank,
-                                                         need)
+            req = self._segment_request = SegmentRequest(
+                self.link, self.config.job, self.rank, need,
+                page_lock=any(run.device != "cpu" for run in self._plan.runs))
             wait_s = self.config.segment_wait_s if wait_s is None else wait_s
         try:
             seg = req.result(wait_s or 0.0)
@@ -325,7 +326,8 @@ class Checkpointer:
             return
         self._segment_request = None
         self._drop_segment()
-        self._segment, self._stager = seg, SlotStager(seg, self.engine)
+        self._segment = seg
+        self._stager = SlotStager(seg, self.engine, page_locked=req.page_locked if req.page_lock else None)
         self._switch_to = None
         if self._skips_without_segment:
             log.info("ckpt: segment %s is ready; snapshots start again (%d step(s) were not "

@@ -67,10 +67,15 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> A
 
 class SegmentRequest:
     """``acquire_segment`` on a thread of its own: creating a big segment takes seconds
-    (the daemon reserves and pre-faults both slots), and training must not wait for it."""
+    (the daemon reserves and pre-faults both slots), and training must not wait for it.
+    With ``page_lock`` (CUDA state) the segment is also page-locked there, which takes
+    about as long again; ``page_locked`` says whether that was done."""
 
-    def __init__(self, link: DaemonLink, job: str, rank: int, slot_bytes: int) -> None:
+    def __init__(self, link: DaemonLink, job: str, rank: int, slot_bytes: int,
+                 page_lock: bool = False) -> None:
         self.slot_bytes = slot_bytes
+        self.page_lock = page_lock
+        self.page_locked = False
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._segment: Any = None
@@ -81,13 +86,22 @@ class SegmentRequest:
         self._thread.start()
 
     def _run(self, link: DaemonLink, job: str, rank: int, slot_bytes: int) -> None:
+        from ckpt.snapshot.stager import page_lock, page_unlock
+
+        seg = None
         try:
             seg = acquire_segment(link, job, rank, slot_bytes)
+            if self.page_lock:
+                self.page_locked = page_lock(seg)
         except BaseException as exc:  # handed to the training thread by result()
+            if seg is not None:
+                seg.close()
             seg, self._error = None, exc
         with self._lock:
             self._segment = seg
             if self._abandoned and seg is not None:
+                if self.page_locked:
+                    page_unlock(seg)
                 seg.close()
                 self._segment = None
         self._done.set()
@@ -111,8 +125,12 @@ class SegmentRequest:
 
     def abandon(self) -> None:
         """Nobody will take the segment: close it now or when it arrives."""
+        from ckpt.snapshot.stager import page_unlock
+
         with self._lock:
             self._abandoned = True
             if self._segment is not None:
+                if self.page_locked:
+                    page_unlock(self._segment)
                 self._segment.close()
                 self._segment = None

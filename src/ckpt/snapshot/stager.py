@@ -11,6 +11,7 @@ chunks, writes nothing but the seal, and unlocks. Neither runs a collective.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from ckpt.errors import CkptError, ConfigError, SegmentError
 from ckpt.snapshot.geometry import TensorGeometry
 from ckpt.snapshot.layout import PayloadLayout, TensorSpec, payload_crc, plan_layout, \
     write_header_and_meta
+
+log = logging.getLogger("ckpt.snapshot")
+
+# How long a failed snapshot start waits for the copies it had already started.
+COPY_DRAIN_TIMEOUT_S = 120.0
 
 
 class SlotTooSmallError(SegmentError):
@@ -109,34 +115,60 @@ class PendingSnapshot:
             t.make_stream_wait(torch.cuda.current_stream(t.device).cuda_stream)
 
 
+def page_lock(segment: Any) -> bool:
+    """Page-lock the whole mapping for CUDA (once per segment), so D2H copies into it are
+    DMA at full speed. Takes about as long as touching every page: seconds for big states.
+    False (with a warning) when CUDA refuses: copies then work from pageable memory, slower."""
+    from ckpt.errors import NativeError
+
+    try:
+        from ckpt import _C_cuda
+
+        _C_cuda.host_register(segment.base_address, segment.size_bytes)
+        return True
+    except (ImportError, NativeError) as exc:
+        log.warning("ckpt: cannot page-lock %s (%d bytes) for CUDA copies (%s); device-to-host "
+                    "copies into it will be slower. Raise the locked-memory limit (ulimit -l) "
+                    "or free host memory", segment.name, segment.size_bytes, exc)
+        return False
+
+
+def page_unlock(segment: Any) -> None:
+    from ckpt import _C_cuda
+
+    _C_cuda.host_unregister(segment.base_address)
+
+
 class SlotStager:
     """Writes snapshots into ``segment``'s slots. One writer thread calls ``begin``;
     one committer thread calls ``finish``/``abandon`` on what it returned."""
 
-    def __init__(self, segment: Any, engine: Any, pid: int | None = None) -> None:
+    def __init__(self, segment: Any, engine: Any, pid: int | None = None,
+                 page_locked: bool | None = None) -> None:
+        """``page_locked``: the result of ``page_lock(segment)`` when it was already tried
+        (off the training thread, by ``SegmentRequest``), None when not; a locked segment
+        is unlocked on close."""
         self.segment = segment
         self.engine = engine
         self.pid = os.getpid() if pid is None else pid
         self._cuda: dict[int, tuple[Any, torch.cuda.Stream]] = {}
-        self._registered = False
+        self._registered = page_locked is True
+        self._lock_tried = page_locked is not None
 
     def _cuda_copier(self, device: torch.device) -> tuple[Any, "torch.cuda.Stream"]:
         from ckpt import _C_cuda
 
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if not self._registered:
-            # Page-lock the mapping once, so D2H copies are DMA at full speed.
-            _C_cuda.host_register(self.segment.slot_address(0) - 4096, self.segment.size_bytes)
-            self._registered = True
+        if not self._lock_tried:  # normally done when the segment arrived
+            self._registered = page_lock(self.segment)
+            self._lock_tried = True
         if index not in self._cuda:
             self._cuda[index] = (_C_cuda.CudaCopier(index), torch.cuda.Stream(device=index))
         return self._cuda[index]
 
     def close(self) -> None:
         if self._registered:
-            from ckpt import _C_cuda
-
-            _C_cuda.host_unregister(self.segment.slot_address(0) - 4096)
+            page_unlock(self.segment)
             self._registered = False
 
     def target_slot(self) -> int:
@@ -179,7 +211,12 @@ class SlotStager:
             except ConfigError as exc:
                 raise SlotTooSmallError(str(exc)) from None
             pending = PendingSnapshot(step, slot, plan, meta_bytes, sources)
-            self._start_copies(pending)
+            try:
+                self._start_copies(pending)
+            except BaseException:
+                # Copies that did start write into the slot: they end before it is unlocked.
+                pending.wait_copy(COPY_DRAIN_TIMEOUT_S)
+                raise
             return pending
         except BaseException:
             self.segment.unlock(slot, self.pid)
