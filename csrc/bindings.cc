@@ -2,6 +2,8 @@
 // sizes are Python ints; every call that can block releases the GIL; failures
 // raise ckpt._C.NativeError (the same class as ckpt.errors.NativeError).
 #include <pybind11/pybind11.h>
+
+#include <vector>
 #include <pybind11/stl.h>
 
 #include <cstring>
@@ -9,6 +11,7 @@
 
 #include "copy_engine.h"
 #include "crc32c.h"
+#include "crc32c_split.h"
 #include "native_error.h"
 #include "segment.h"
 
@@ -104,6 +107,29 @@ uint32_t crc_of_buffer(py::handle data, uint32_t value) {
   return crc;
 }
 
+// The GPU checksum's algorithm (crc32c_split.h) run on the host: `parts` pieces, each
+// checksummed alone, then joined. Tests hold it to crc32c; cuda_crc.cu runs the same code.
+uint32_t crc_split_of_buffer(py::handle data, unsigned parts) {
+  static constexpr ckpt_crc::Tables kTables = ckpt_crc::make_tables();
+  static constexpr ckpt_crc::Powers kPowers = ckpt_crc::make_powers();
+  if (parts < 1 || parts > 4096) fail("crc32c_split: parts must be between 1 and 4096, got " + std::to_string(parts));
+  Py_buffer view;
+  if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) {
+    PyErr_Clear();
+    fail("crc32c_split: data must be a C-contiguous buffer");
+  }
+  const auto* p = static_cast<const uint8_t*>(view.buf);
+  const uint64_t len = static_cast<uint64_t>(view.len);
+  std::vector<uint32_t> crcs(parts);
+  for (unsigned i = 0; i < parts; i++) {
+    ckpt_crc::Piece pc = ckpt_crc::piece_of(len, parts, i);
+    crcs[i] = ckpt_crc::crc_bytes(kTables, p + pc.begin, pc.end - pc.begin);
+  }
+  uint32_t crc = ckpt_crc::join_pieces(kPowers, crcs.data(), len, parts);
+  PyBuffer_Release(&view);
+  return crc;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -129,6 +155,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("crc32c", &crc_of_buffer, py::arg("data"), py::arg("value") = 0,
         "crc32c of a C-contiguous buffer (zero copy), continuing from `value`.");
+  m.def("crc32c_split", &crc_split_of_buffer, py::arg("data"), py::arg("parts"),
+        "crc32c of a buffer computed as the GPU does it (crc32c_split.h): `parts` pieces\n"
+        "checksummed alone, then joined. Equal to crc32c(data); for tests.");
   m.def(
       "crc32c_addr",
       [](py::handle addr, py::handle nbytes, uint32_t value) {

@@ -96,7 +96,8 @@ class CudaCopier {
       fail("CudaCopier(device=" + std::to_string(device) + "): there are " + std::to_string(n) + " devices");
   }
 
-  CudaTicket copy(const char* call, py::handle jobs, py::handle side_stream, py::handle wait_stream) {
+  CudaTicket copy(const char* call, py::handle jobs, py::handle side_stream, py::handle wait_stream,
+                  uint64_t chunk_bytes = 0, uint64_t crc_out = 0) {
     std::vector<ckpt_cuda::Job> v;
     uint64_t total = 0;
     auto seq = py::reinterpret_borrow<py::sequence>(jobs);
@@ -123,7 +124,8 @@ class CudaCopier {
     int err;
     {
       py::gil_scoped_release nogil;
-      err = ckpt_cuda::enqueue_copies(device_, v.data(), v.size(), side, has_wait, waits, &ev->ev, &failed);
+      err = ckpt_cuda::enqueue_copies(device_, v.data(), v.size(), side, has_wait, waits, chunk_bytes, crc_out,
+                                      &ev->ev, &failed);
     }
     check(err, call, failed);
     return CudaTicket(ev, total);
@@ -212,13 +214,21 @@ PYBIND11_MODULE(_C_cuda, m) {
       .def_property_readonly("device", &CudaCopier::device)
       .def(
           "d2h",
-          [](CudaCopier& c, py::handle jobs, py::handle side_stream, py::handle wait_stream) {
-            return c.copy("CudaCopier.d2h", jobs, side_stream, wait_stream);
+          [](CudaCopier& c, py::handle jobs, py::handle side_stream, py::handle wait_stream,
+             py::handle chunk_bytes, py::handle crc_out) {
+            const char* call = "CudaCopier.d2h";
+            uint64_t chunk = as_u64(chunk_bytes, call, "chunk_bytes"), out = as_u64(crc_out, call, "crc_out");
+            if ((chunk == 0) != (out == 0)) fail(std::string(call) + ": give both chunk_bytes and crc_out, or neither");
+            if (chunk % 4) fail(std::string(call) + ": chunk_bytes must be a multiple of 4, got " + std::to_string(chunk));
+            return c.copy(call, jobs, side_stream, wait_stream, chunk, out);
           },
-          py::arg("jobs"), py::arg("side_stream"), py::arg("wait_stream") = py::none(),
+          py::arg("jobs"), py::arg("side_stream"), py::arg("wait_stream") = py::none(), py::arg("chunk_bytes") = 0,
+          py::arg("crc_out") = 0,
           "jobs: [(device_src, host_dst, nbytes)]. side_stream first waits for work already queued on "
           "wait_stream (an int handle; 0 is the legacy default stream, waited on like any other; None: "
-          "no ordering), then copies; returns at once.")
+          "no ordering), then copies; returns at once. With chunk_bytes and crc_out (a host address), the "
+          "crc32c of every chunk of each source (job order, each job starting a chunk) is computed on the "
+          "device first and written there as uint32s, as CopyEngine.submit does.")
       .def(
           "h2d",
           [](CudaCopier& c, py::handle jobs, py::handle side_stream, py::handle wait_stream) {

@@ -18,7 +18,8 @@ int host_register(void* addr, size_t nbytes) {
 int host_unregister(void* addr) { return static_cast<int>(cudaHostUnregister(addr)); }
 
 int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stream, bool has_wait,
-                   uint64_t wait_stream, void** done_event, const char** failed_call) {
+                   uint64_t wait_stream, uint64_t chunk_bytes, uint64_t crc_out, void** done_event,
+                   const char** failed_call) {
   *done_event = nullptr;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) {
@@ -41,6 +42,13 @@ int enqueue_copies(int device, const Job* jobs, size_t njobs, uint64_t side_stre
     }
     cudaEventDestroy(ready);  // safe: destruction is deferred until the event completes
     if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  if (crc_out != 0 && chunk_bytes != 0) {
+    int crc_err = enqueue_crcs(jobs, njobs, chunk_bytes, crc_out, side_stream, failed_call);
+    if (crc_err != 0) {
+      cudaStreamSynchronize(side);  // nothing queued may still write to crc_out afterwards
+      return crc_err;
+    }
   }
   for (size_t i = 0; i < njobs; i++) {
     if (jobs[i].nbytes == 0) continue;

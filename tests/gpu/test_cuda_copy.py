@@ -87,3 +87,36 @@ def test_bad_device_and_null_addresses_raise_native_error() -> None:
         _C_cuda.CudaCopier(0).d2h([], 0, None)
     with pytest.raises(_C_cuda.NativeError, match="cudaHostUnregister"):
         _C_cuda.host_unregister(12345678)
+
+
+def test_d2h_checksums_every_chunk_on_the_device_like_the_cpu_engine() -> None:
+    """crc_out gets one crc32c per chunk_bytes-chunk of each source, in job order, each job
+    starting a new chunk: the numbering CopyEngine.submit uses for CPU tensors."""
+    chunk = 1 << 20
+    sizes = [3 * chunk, chunk + 5, 17, 4 * chunk - 4]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randint(0, 256, (sum(sizes) + 64,), dtype=torch.uint8, device="cuda", generator=gen)
+    starts = [1, 3 * chunk + 8, 4 * chunk + 40, 4 * chunk + 61]  # unaligned device sources too
+    srcs = [base[s:s + n] for s, n in zip(starts, sizes)]
+    dst = _pinned_host(sum(sizes))
+    chunks = [-(-n // chunk) for n in sizes]
+    crcs = torch.zeros(sum(chunks), dtype=torch.int32).pin_memory()
+    jobs, off = [], 0
+    for t in srcs:
+        jobs.append((t.data_ptr(), dst.data_ptr() + off, t.numel()))
+        off += t.numel()
+    side = torch.cuda.Stream()
+    ticket = _C_cuda.CudaCopier(0).d2h(jobs, side.cuda_stream, torch.cuda.current_stream().cuda_stream,
+                                       chunk, crcs.data_ptr())
+    assert ticket.wait(60.0)
+    host = dst.numpy()
+    want, off = [], 0
+    for n in sizes:
+        want += [_C.crc32c(host[off + c:off + min(c + chunk, n)]) for c in range(0, n, chunk)]
+        off += n
+    assert crcs.numpy().view(np.uint32).tolist() == want
+    assert np.array_equal(host, torch.cat(srcs).cpu().numpy())
+    with pytest.raises(_C_cuda.NativeError, match="both chunk_bytes and crc_out"):
+        _C_cuda.CudaCopier(0).d2h(jobs, side.cuda_stream, None, chunk, 0)
+    with pytest.raises(_C_cuda.NativeError, match="multiple of 4"):
+        _C_cuda.CudaCopier(0).d2h(jobs, side.cuda_stream, None, 6, crcs.data_ptr())

@@ -61,6 +61,28 @@ def test_crc32c_combine_joins_two_crcs() -> None:
     assert _C.crc32c_combine(_C.crc32c(a), _C.crc32c(b""), 0) == _C.crc32c(a)
 
 
+@pytest.mark.parametrize("data,expected", VECTORS)
+def test_the_gpu_split_algorithm_matches_known_vectors(data: bytes, expected: int) -> None:
+    for parts in (1, 2, 256):
+        assert _C.crc32c_split(data, parts) == expected
+
+
+def test_the_gpu_split_algorithm_equals_crc32c_for_any_length_start_and_split() -> None:
+    """crc32c_split.h is what cuda_crc.cu runs per chunk (one piece per thread, joined by
+    one thread): pieces of 4-byte multiples, empty trailing pieces, unaligned starts."""
+    rng = random.Random(3)
+    data = os.urandom((4 << 20) + 64)
+    lengths = [1, 3, 4, 5, 255, 256, 1023, 1024, 1025, 4096 * 256 - 4, 4 << 20] + \
+        [rng.randrange(1, 1 << 20) for _ in range(12)]
+    for n in lengths:
+        for parts in (1, 3, 64, 256, 1024):
+            start = rng.randrange(4)
+            view = memoryview(data)[start:start + n]
+            assert _C.crc32c_split(view, parts) == _C.crc32c(view), (n, parts, start)
+    with pytest.raises(_C.NativeError, match="parts must be between 1 and 4096"):
+        _C.crc32c_split(b"abc", 0)
+
+
 def test_crc32c_addr_reads_raw_memory_and_accepts_numpy() -> None:
     arr = np.frombuffer(os.urandom(4099), dtype=np.uint8).copy()
     assert _C.crc32c_addr(arr.ctypes.data, arr.nbytes) == _C.crc32c(arr) == _C.crc32c(arr.tobytes())

@@ -86,7 +86,6 @@ class PendingSnapshot:
     sources: list[torch.Tensor]  # kept alive until the copy is done
     cpu_tickets: list[Any] = field(default_factory=list)
     cuda_tickets: list[Any] = field(default_factory=list)
-    gpu_runs: list[CopyRun] = field(default_factory=list)
     started_s: float = field(default_factory=time.perf_counter)
     copy_done_s: float | None = None
 
@@ -240,24 +239,16 @@ class SlotStager:
                 device = torch.device(run.device)
                 copier, side = self._cuda_copier(device)
                 wait_stream = torch.cuda.current_stream(device).cuda_stream
-                pending.cuda_tickets.append(copier.d2h(jobs, side.cuda_stream, wait_stream))
-                pending.gpu_runs.append(run)
+                # The chunk crcs are computed on the GPU before the copy (cuda_crc.cu).
+                pending.cuda_tickets.append(copier.d2h(jobs, side.cuda_stream, wait_stream,
+                                                       layout.chunk_bytes,
+                                                       crc_base + 4 * run.first_chunk))
 
     def finish(self, pending: PendingSnapshot, timeout_s: float) -> int:
-        """Wait for the copies, checksum GPU-copied chunks, seal and unlock. Returns the seq."""
+        """Wait for the copies (and the chunk crcs they write), seal and unlock. Returns the seq."""
         try:
             pending.wait_copy(timeout_s)
             layout = pending.plan.layout
-            base = self.segment.slot_address(pending.slot)
-            data_base = base + layout.data_offset(pending.meta_bytes)
-            crc_base = base + layout.crc_offset(pending.meta_bytes)
-            for run in pending.gpu_runs:
-                jobs = [(data_base + layout.tensors[i].data_offset, layout.tensors[i].spec.nbytes)
-                        for i in range(run.first, run.end) if layout.tensors[i].spec.nbytes]
-                ticket = self.engine.crc_chunks(jobs, layout.chunk_bytes,
-                                                crc_base + 4 * run.first_chunk)
-                if not ticket.wait(timeout_s):
-                    raise CkptError(f"checksumming step {pending.step} took over {timeout_s} s")
             pending.sources = []
             view = self.segment.slot_view(pending.slot)
             crc = payload_crc(view, layout)
