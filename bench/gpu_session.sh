@@ -133,10 +133,13 @@ step_test_cuda_copy() {
   "$PY" -m pytest -q -rs -m gpu tests/gpu/test_cuda_copy.py tests/gpu/test_checkpointer_cuda.py
 }
 
-# bench/erasure.py has no CUDA codec mode: the CUDA kernel's check is its test file.
+# The codec's CUDA kernel: its tests, then bench/erasure_cuda.py (GB/s next to a d2d copy).
 step_test_ec_cuda() {
   require_gpu _ec_cuda
-  "$PY" -m pytest -q -rs -m gpu tests/gpu/test_ec_cuda.py
+  local rc=0
+  "$PY" -m pytest -q -rs -m gpu tests/gpu/test_ec_cuda.py || rc=$?
+  "$PY" bench/erasure_cuda.py --gib 1 || rc=$?
+  return "$rc"
 }
 
 step_bench() {
