@@ -146,10 +146,10 @@ step_bench() {
   run_bench
 }
 
-# The same with 4 copy workers and only none/ckpt: after the D2H, the committer checksums the
-# GPU-copied chunks on the copy engine's CPU workers (1 by default; ~15 GB/s of crc32c each)
-# before the next snapshot may start. If ckpt misses the target above but not here, that
-# checksum pass, not the DMA, is what gates it.
+# The same with 4 copy workers and only none/ckpt. The chunk crcs of CUDA state are computed on
+# the GPU (csrc/cuda_crc.cu), so the CPU workers only copy the few CPU tensors (AdamW's step
+# counters): this run should match the one above. If it is faster, something on the CPU side
+# still gates the snapshot.
 step_bench_copy_threads4() {
   run_bench --copy-threads 4 --skip dcp_async,dcp_async_shm,torch_save
 }

@@ -273,6 +273,18 @@ def interleaved(model, optimizer, x, y, workdir: Path, steps: int, rounds: int,
     return none, ck, run
 
 
+def aa_control(model, optimizer, x, y, steps: int, rounds: int) -> list[tuple[float, float]]:
+    """The A/A control: rounds of two plain-training blocks, (median step of A, of B). Fed
+    to the per-round loss formula, they show how far one round's ratio moves on this
+    machine when nothing differs between the blocks."""
+    out = []
+    for _ in range(rounds):
+        a = statistics.median(run_none(model, optimizer, x, y, steps))
+        b = statistics.median(run_none(model, optimizer, x, y, steps))
+        out.append((a, b))
+    return out
+
+
 def run_dcp_async(model, optimizer, x, y, steps: int, workdir: Path, stager=None) -> dict:
     stall = 0.0
     pending_upload = None
@@ -404,6 +416,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--copy-threads", type=int, default=1,
                    help="Checkpointer(copy_threads=N): the copy engine's workers")
     p.add_argument("--skip", default="", help="comma-separated modes to skip")
+    p.add_argument("--aa-rounds", type=int, default=0,
+                   help="after none/ckpt, this many none-vs-none rounds: the noise of one round's ratio")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the model, inputs and optimizer state live")
     p.add_argument("--batch", type=int, default=None,
@@ -440,6 +454,9 @@ def run_modes(model, optimizer, x, y, workdir: Path, args: argparse.Namespace,
     results: dict[str, dict] = {}
     results["none"], results["ckpt"], ckpt_run = interleaved(model, optimizer, x, y, workdir,
                                                              args.steps, args.rounds, options)
+    if args.aa_rounds:
+        results["none"]["aa_round_step_s"] = aa_control(model, optimizer, x, y, args.steps,
+                                                        args.aa_rounds)
     if "dcp_async" not in skip:
         results["dcp_async"] = run_dcp_async(model, optimizer, x, y, args.steps, workdir)
     if "dcp_async_shm" not in skip:
@@ -476,15 +493,24 @@ def cpu_summary(t_copy_s: float, cores: int, results: dict[str, dict]) -> dict:
     that follows it, so slow drift of the machine cancels)."""
     floor = 1 - t_copy_s / (cores * results["none"]["step_s"])
     ratio = (1 - results["ckpt"]["throughput"]) / (1 - floor)
-    rounds = [(1 - none_s / ckpt_s) / (t_copy_s / (cores * none_s))
-              for none_s, ckpt_s in zip(results["none"]["round_step_s"], results["ckpt"]["round_step_s"])]
+    def round_ratio(base_s: float, other_s: float) -> float:
+        return (1 - base_s / other_s) / (t_copy_s / (cores * base_s))
+
+    rounds = [round_ratio(a, b) for a, b in zip(results["none"]["round_step_s"],
+                                                 results["ckpt"]["round_step_s"])]
     print(f"ckpt throughput loss {1 - results['ckpt']['throughput']:.3f} vs floor loss {1 - floor:.3f} "
           f"(ratio {ratio:.2f}; target <= 1.25)")
     print(f"per round: ratio {statistics.median(rounds):.2f} median, {min(rounds):.2f}..{max(rounds):.2f} "
           f"over {len(rounds)} rounds ({', '.join(f'{r:.2f}' for r in rounds)})")
-    return {"t_copy_s": t_copy_s, "floor": floor, "throughput_loss_vs_floor": ratio,
-            "throughput_loss_vs_floor_rounds": rounds,
-            "throughput_loss_vs_floor_round_median": statistics.median(rounds)}
+    out = {"t_copy_s": t_copy_s, "floor": floor, "throughput_loss_vs_floor": ratio,
+           "throughput_loss_vs_floor_rounds": rounds,
+           "throughput_loss_vs_floor_round_median": statistics.median(rounds)}
+    if "aa_round_step_s" in results["none"]:
+        aa = [round_ratio(a, b) for a, b in results["none"]["aa_round_step_s"]]
+        print(f"A/A control (none vs none, same formula): ratio {statistics.median(aa):.2f} median, "
+              f"{min(aa):.2f}..{max(aa):.2f} over {len(aa)} rounds ({', '.join(f'{r:.2f}' for r in aa)})")
+        out["aa_control_rounds"] = aa
+    return out
 
 
 def median_or_nan(values: list[float]) -> float:
