@@ -49,6 +49,7 @@ def test_make_stream_wait_orders_compute_after_copy_without_blocking_host() -> N
     compute = torch.cuda.current_stream()
     src = torch.full((n,), 3, dtype=torch.uint8, device="cuda")
     dst = _pinned_host(n)
+    torch.cuda.synchronize()  # the 3s are in place: the copy below does not wait for compute
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # delay the copy on the side stream
     ticket = _C_cuda.CudaCopier(0).d2h([(src.data_ptr(), dst.data_ptr(), n)], side.cuda_stream, None)
