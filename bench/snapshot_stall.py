@@ -487,14 +487,20 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"{name:<16}{r['step_s']:>9.3f}{r['throughput']:>12.3f}{r['stall_s']:>18.4f}{ratio:>21.4f}")
 
 
+def cpu_floor(t_copy_s: float, cores: int, step_s: float) -> float:
+    """Throughput when one core's copy of the state each step is all that training loses."""
+    return 1 - t_copy_s / (cores * step_s)
+
+
 def cpu_summary(t_copy_s: float, cores: int, results: dict[str, dict]) -> dict:
     """The throughput loss against the CPU floor (one core copies the state once per step):
     over all steps (medians), and per round (each round's none block against the ckpt block
     that follows it, so slow drift of the machine cancels)."""
-    floor = 1 - t_copy_s / (cores * results["none"]["step_s"])
+    floor = cpu_floor(t_copy_s, cores, results["none"]["step_s"])
     ratio = (1 - results["ckpt"]["throughput"]) / (1 - floor)
+
     def round_ratio(base_s: float, other_s: float) -> float:
-        return (1 - base_s / other_s) / (t_copy_s / (cores * base_s))
+        return (1 - base_s / other_s) / (1 - cpu_floor(t_copy_s, cores, base_s))
 
     rounds = [round_ratio(a, b) for a, b in zip(results["none"]["round_step_s"],
                                                  results["ckpt"]["round_step_s"])]
@@ -566,7 +572,7 @@ def main() -> int:
               f"{gpu_bytes / (1 << 30):.2f} GiB on {torch.cuda.get_device_name()}), batch: {batch}, "
               f"step (no ckpt): {base_step:.3f} s, pinned D2H copy: {pinned_d2h_s:.3f} s")
     else:
-        floor = 1 - t_copy / (cores * base_step)
+        floor = cpu_floor(t_copy, cores, base_step)
         print(f"state: {state_bytes / (1 << 30):.2f} GiB ({len(tensors)} tensors), cores: {cores}, "
               f"step (no ckpt): {base_step:.3f} s, t_copy (1 core): {t_copy:.3f} s, floor: {floor:.3f}")
     print_table(results)

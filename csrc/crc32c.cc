@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "crc32c_split.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <nmmintrin.h>
 #define CKPT_X86 1
@@ -15,25 +17,14 @@
 namespace ckpt {
 namespace {
 
-constexpr uint32_t kPoly = 0x82F63B78u;
+using ckpt_crc::kPoly;
+using ckpt_crc::multmodp;  // GF(2) arithmetic modulo P (reflected), as in zlib's crc32_combine
 
-// ---- GF(2) arithmetic modulo P (reflected), as in zlib's crc32_combine. ----
-uint32_t multmodp(uint32_t a, uint32_t b) {
-  uint32_t m = 1u << 31, p = 0;
-  for (;;) {
-    if (a & m) {
-      p ^= b;
-      if ((a & (m - 1)) == 0) break;
-    }
-    m >>= 1;
-    b = (b & 1) ? (b >> 1) ^ kPoly : b >> 1;
-  }
-  return p;
-}
+// x^(2^k) mod P, for the shifts below and crc32c_combine.
+constexpr ckpt_crc::Powers kPowers = ckpt_crc::make_powers();
 
 struct Tables {
   uint32_t slice[8][256];
-  uint32_t x2n[32];             // x^(2^k) mod P
   uint32_t shift_long[4][256];  // multiply by x^(8*kLong) mod P
   uint32_t shift_short[4][256]; // multiply by x^(8*kShort) mod P
   bool hw = false;
@@ -60,16 +51,6 @@ constexpr size_t kStreamMaxAheadBytes = 4096 - 64;
 inline bool stream_safe(const unsigned char* src, const unsigned char* dst) {
   const size_t ahead = (reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(src)) & 4095;
   return ahead >= kStreamMinAheadBytes && ahead <= kStreamMaxAheadBytes;
-}
-
-uint32_t x2nmodp(const Tables& t, uint64_t n, unsigned k) {
-  uint32_t p = 1u << 31;  // x^0
-  while (n) {
-    if (n & 1) p = multmodp(t.x2n[k & 31], p);
-    n >>= 1;
-    k++;
-  }
-  return p;
 }
 
 void make_shift_table(uint32_t table[4][256], uint32_t op) {
@@ -99,11 +80,8 @@ Tables::Tables() {
       slice[k][n] = c;
     }
   }
-  uint32_t p = 1u << 30;  // x^1
-  x2n[0] = p;
-  for (int n = 1; n < 32; n++) x2n[n] = p = multmodp(p, p);
-  make_shift_table(shift_long, x2nmodp(*this, kLong, 3));
-  make_shift_table(shift_short, x2nmodp(*this, kShort, 3));
+  make_shift_table(shift_long, ckpt_crc::shift_op(kPowers, kLong));
+  make_shift_table(shift_short, ckpt_crc::shift_op(kPowers, kShort));
 
   const char* impl = std::getenv("CKPT_CRC_IMPL");
   bool force_scalar = impl && std::strcmp(impl, "scalar") == 0;
@@ -269,7 +247,7 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
 }
 
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
-  return multmodp(x2nmodp(tables(), len_b, 3), crc_a) ^ crc_b;
+  return ckpt_crc::combine(crc_a, crc_b, ckpt_crc::shift_op(kPowers, len_b));
 }
 
 const char* crc32c_impl() { return tables().hw ? "sse4.2" : "scalar"; }

@@ -1,8 +1,9 @@
 // crc32c (Castagnoli, reflected 0x82F63B78) of one chunk computed as the combination
 // of its pieces: each of `parts` threads takes a 4-byte-aligned slice of the chunk,
 // the slices' crcs are joined with crc(A||B) = x^(8|B|) * crc(A) + crc(B) (mod P).
-// The same code runs on the host (tests compare it with crc32c.h) and on a GPU, where
-// cuda_crc.cu checksums device tensors before they are copied to the host.
+// The same code runs on the host (crc32c.cc's combine and shift tables use it; tests
+// compare the split crc with crc32c.h) and on a GPU, where cuda_crc.cu checksums device
+// tensors before they are copied to the host.
 // Header-only, no CUDA headers needed by the host compiler.
 #pragma once
 

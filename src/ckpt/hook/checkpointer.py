@@ -327,7 +327,7 @@ class Checkpointer:
         self._segment_request = None
         self._drop_segment()
         self._segment = seg
-        self._stager = SlotStager(seg, self.engine, page_locked=req.page_locked if req.page_lock else None)
+        self._stager = SlotStager(seg, self.engine, page_locked=req.page_locked)
         self._switch_to = None
         if self._skips_without_segment:
             log.info("ckpt: segment %s is ready; snapshots start again (%d step(s) were not "

@@ -69,29 +69,29 @@ class SegmentRequest:
     """``acquire_segment`` on a thread of its own: creating a big segment takes seconds
     (the daemon reserves and pre-faults both slots), and training must not wait for it.
     With ``page_lock`` (CUDA state) the segment is also page-locked there, which takes
-    about as long again; ``page_locked`` says whether that was done."""
+    about as long again; ``page_locked`` is then whether that worked (None: not asked)."""
 
     def __init__(self, link: DaemonLink, job: str, rank: int, slot_bytes: int,
                  page_lock: bool = False) -> None:
         self.slot_bytes = slot_bytes
-        self.page_lock = page_lock
-        self.page_locked = False
+        self.page_locked: bool | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._segment: Any = None
         self._error: BaseException | None = None
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, args=(link, job, rank, slot_bytes),
+        self._thread = threading.Thread(target=self._run,
+                                        args=(link, job, rank, slot_bytes, page_lock),
                                         name=f"ckpt-segment-r{rank}", daemon=True)
         self._thread.start()
 
-    def _run(self, link: DaemonLink, job: str, rank: int, slot_bytes: int) -> None:
-        from ckpt.snapshot.stager import page_lock, page_unlock
+    def _run(self, link: DaemonLink, job: str, rank: int, slot_bytes: int, lock: bool) -> None:
+        from ckpt.snapshot.stager import page_lock
 
         seg = None
         try:
             seg = acquire_segment(link, job, rank, slot_bytes)
-            if self.page_lock:
+            if lock:
                 self.page_locked = page_lock(seg)
         except BaseException as exc:  # handed to the training thread by result()
             if seg is not None:
@@ -100,11 +100,17 @@ class SegmentRequest:
         with self._lock:
             self._segment = seg
             if self._abandoned and seg is not None:
-                if self.page_locked:
-                    page_unlock(seg)
-                seg.close()
-                self._segment = None
+                self._discard()
         self._done.set()
+
+    def _discard(self) -> None:
+        """Unlock (if locked) and close the segment nobody will take; under ``_lock``."""
+        from ckpt.snapshot.stager import page_unlock
+
+        if self.page_locked:
+            page_unlock(self._segment)
+        self._segment.close()
+        self._segment = None
 
     def wait(self, timeout_s: float | None) -> bool:
         """True once the request has ended (with a segment or an error)."""
@@ -125,12 +131,7 @@ class SegmentRequest:
 
     def abandon(self) -> None:
         """Nobody will take the segment: close it now or when it arrives."""
-        from ckpt.snapshot.stager import page_unlock
-
         with self._lock:
             self._abandoned = True
             if self._segment is not None:
-                if self.page_locked:
-                    page_unlock(self._segment)
-                self._segment.close()
-                self._segment = None
+                self._discard()

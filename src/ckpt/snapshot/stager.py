@@ -151,24 +151,22 @@ class SlotStager:
         self.engine = engine
         self.pid = os.getpid() if pid is None else pid
         self._cuda: dict[int, tuple[Any, torch.cuda.Stream]] = {}
-        self._registered = page_locked is True
-        self._lock_tried = page_locked is not None
+        self._page_locked = page_locked
 
     def _cuda_copier(self, device: torch.device) -> tuple[Any, "torch.cuda.Stream"]:
         from ckpt import _C_cuda
 
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if not self._lock_tried:  # normally done when the segment arrived
-            self._registered = page_lock(self.segment)
-            self._lock_tried = True
+        if self._page_locked is None:  # normally tried when the segment arrived
+            self._page_locked = page_lock(self.segment)
         if index not in self._cuda:
             self._cuda[index] = (_C_cuda.CudaCopier(index), torch.cuda.Stream(device=index))
         return self._cuda[index]
 
     def close(self) -> None:
-        if self._registered:
+        if self._page_locked:
             page_unlock(self.segment)
-            self._registered = False
+            self._page_locked = False
 
     def target_slot(self) -> int:
         committed = self.segment.committed()
