@@ -92,6 +92,33 @@ def test_a_persist_step_waiting_behind_a_slow_write_is_not_overwritten(daemon, j
     t.close()
 
 
+def test_a_persist_step_queued_while_the_worker_is_not_writing_is_never_superseded(
+        daemon, job, tmp_path, monkeypatch):
+    """Queued-but-not-started only means "the disk is behind" while a write is in progress;
+    a worker busy with anything else (here: held in its idle buffer preparation, as a loaded
+    machine may hold it) starts the queued step next, so a newer step queues behind it."""
+    import threading
+
+    _, client = daemon
+    entered, release = threading.Event(), threading.Event()
+    real = persister.SlotPersister._prepare_buffers
+
+    def held_prepare(self):
+        entered.set()
+        release.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(persister.SlotPersister, "_prepare_buffers", held_prepare)
+    assert entered.wait(5), "the persister never reached its idle tick"
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=3, keep=0)
+    assert [t.snapshot(step) for step in range(1, 7)] == [False, False, True, False, False, True]
+    release.set()
+    wait_until(lambda: complete_steps(out) == [3, 6], timeout_s=10, what="steps 3 and 6 on disk")
+    assert client.status().errors == []
+    t.close()
+
+
 def test_a_newer_persist_step_supersedes_one_still_queued_with_a_warning(daemon, job, tmp_path,
                                                                          slow_disk):
     _, client = daemon

@@ -7,9 +7,11 @@ the worker copies each into a private, pre-faulted staging buffer (made while id
 segment with a persist_dir, kept per (job, rank)), unpins, and hands the copies to
 ``ckpt.format`` (one step dir for the ranks of the job on this node; the multi-writer path
 when the job has ranks elsewhere). A supersedable request (a persist_every step of a job
-whose ranks are all on this node) replaces the job's supersedable request still queued,
-which is then skipped with a warning (the disk cannot keep up with persist_every), so no
-more than one slot per segment waits pinned. A job with ranks on other nodes never skips:
+whose ranks are all on this node) that arrives while another persist is being written
+replaces the job's supersedable request still queued, which is then skipped with a warning
+(the disk cannot keep up with persist_every), so no more than one slot per segment waits
+pinned behind a write. While the worker is not writing (idle, or preparing a buffer) a
+queued request is about to start and is never superseded: the next one queues behind it. A job with ranks on other nodes never skips:
 every node must persist the same steps, or none of them completes (a third persist step
 cannot queue up while two wait: with both slots pinned the trainer skips snapshots). A failure (full disk, bad
 dir, a slot overwritten before it could be read) is recorded on the segments, logged, and
@@ -129,6 +131,7 @@ class SlotPersister:
         self._dropped: set[int] = set()  # id() of superseded tasks still in the queue
         self._held_left: dict[int, tuple] = {}  # id(task) -> pins not yet released
         self._progress: dict[str, tuple[int, int, int]] = {}  # job -> (step, done, total)
+        self._writing: PersistTask | None = None  # the task the worker is persisting now
         self._buffers: dict[tuple[str, int], "mmap.mmap"] = {}  # (job, rank) -> staging buffer
         from ckpt import _C
 
@@ -150,16 +153,19 @@ class SlotPersister:
             self._progress[job] = (step, done, total)
 
     def submit(self, task: PersistTask) -> Future:
-        """Queue ``task``. A supersedable task replaces the job's supersedable task still
-        queued (not started): that one is dropped, its pins released and its Future
-        resolved as skipped, so that at most one queued task per job holds slots (with
-        both of a segment's slots pinned, the trainer would have to skip snapshots)."""
+        """Queue ``task``. A supersedable task that arrives while a persist is being written
+        replaces the job's supersedable task still queued (not started): that one is
+        dropped, its pins released and its Future resolved as skipped, so that at most one
+        task per job waits pinned behind a write (with both of a segment's slots pinned,
+        the trainer would have to skip snapshots). With no write in progress the queued
+        task starts as soon as the worker wakes, so it is kept and ``task`` queues behind."""
         fut: Future = Future()
         superseded = None
         with self._lock:
             self._pending[task.job] += 1
             if task.supersedable:
-                superseded = self._queued_supersedable.pop(task.job, None)
+                if self._writing is not None:
+                    superseded = self._queued_supersedable.pop(task.job, None)
                 self._queued_supersedable[task.job] = (task, fut)
         if superseded is not None:
             old, old_fut = superseded
@@ -211,6 +217,8 @@ class SlotPersister:
                 elif self._stop.is_set():
                     outcome = PersistOutcome(task.step, False, "daemon stopping")
                 else:
+                    with self._lock:
+                        self._writing = task
                     outcome = self._persist(task)
             except BaseException as e:  # noqa: BLE001 - the worker must survive anything
                 outcome = PersistOutcome(task.step, False, f"internal error: {e!r}")
@@ -219,6 +227,7 @@ class SlotPersister:
                 if not dropped:
                     self._release(task)
                 with self._lock:
+                    self._writing = None
                     self._progress.pop(task.job, None)
                     self._held_left.pop(id(task), None)
                     self._pending[task.job] -= 1
