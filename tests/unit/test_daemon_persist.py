@@ -11,6 +11,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,36 @@ def slow_disk(monkeypatch):
     monkeypatch.setattr(persister, "write_step", slow_write_step)
 
 
+class HeldDisk:
+    """The first persist's write to disk waits until ``release()`` (``writing`` is set once
+    it waits); later writes go straight through. Makes "while a write is in progress"
+    deterministic, however slowly the machine runs the test."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.writing, self._released = threading.Event(), threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wrap(self, real):
+        def held_write_step(*args, **kwargs):
+            if not self.writing.is_set():
+                self.writing.set()
+                assert self._released.wait(30), "the test never released the held write"
+            return real(*args, **kwargs)
+        return held_write_step
+
+
+@pytest.fixture
+def held_disk(monkeypatch):
+    held = HeldDisk()
+    monkeypatch.setattr(persister, "write_step", held.wrap(persister.write_step))
+    yield held
+    held.release()
+
+
 def test_a_persist_step_waiting_behind_a_slow_write_is_not_overwritten(daemon, job, tmp_path,
                                                                         slow_disk):
     _, client = daemon
@@ -120,14 +151,18 @@ def test_a_persist_step_queued_while_the_worker_is_not_writing_is_never_supersed
 
 
 def test_a_newer_persist_step_supersedes_one_still_queued_with_a_warning(daemon, job, tmp_path,
-                                                                         slow_disk):
+                                                                         held_disk):
     _, client = daemon
     out = tmp_path / "ckpts"
     t = Trainer(client, job, persist_dir=out, persist_every=2, keep=0)
-    for step in range(1, 8):
+    t.snapshot(1)
+    t.snapshot(2)
+    assert held_disk.writing.wait(10), "step 2's persist never started"
+    # Step 2 is being written while 4 and then 6 are committed: 6 replaces 4 in the
+    # queue, so at most one slot waits pinned and the trainer never has to skip.
+    for step in range(3, 8):
         t.snapshot(step)
-    # Step 2 is being written (slowly) while 4 and then 6 are committed: 6 replaces 4 in
-    # the queue, so at most one slot waits pinned and the trainer never has to skip.
+    held_disk.release()
     wait_until(lambda: complete_steps(out) == [2, 6], timeout_s=10, what="steps 2 and 6 on disk")
     errors = client.status().errors
     assert len(errors) == 1 and "step 4 skipped" in errors[0] and "persist_every" in errors[0]
@@ -136,18 +171,96 @@ def test_a_newer_persist_step_supersedes_one_still_queued_with_a_warning(daemon,
     t.close()
 
 
+def test_a_superseded_persist_is_dropped_even_if_its_superseder_is_preempted(daemon, job,
+                                                                            tmp_path, held_disk):
+    """The worker may take the superseded task off the queue at any instant of submit():
+    it must see it dropped (never write it, never resolve its Future twice and die)."""
+    core, client = daemon
+
+    class PreemptedAdd(set):  # the submitting thread loses the CPU inside the supersede
+        def add(self, item):
+            time.sleep(0.5)
+            super().add(item)
+
+    core.persister._dropped = PreemptedAdd()
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=2, keep=0)
+    t.snapshot(1)
+    t.snapshot(2)
+    assert held_disk.writing.wait(10)
+    for step in (3, 4, 5):
+        t.snapshot(step)
+    threading.Timer(0.2, held_disk.release).start()  # step 2 ends while 6 supersedes 4
+    t.snapshot(6)
+    wait_until(lambda: complete_steps(out) == [2, 6], timeout_s=10, what="steps 2 and 6 on disk")
+    assert core.persister._thread.is_alive()
+    t.snapshot(8)
+    assert client.persist(job, step=8, wait=True, timeout_s=10).done
+    assert complete_steps(out) == [2, 6, 8]
+    t.close()
+
+
+def rank_0_then_rank_1(client, job, out: Path, steps) -> None:
+    """A 2-rank job on this node, persisting every step, whose rank 1 seals ``steps``
+    only after rank 0 has sealed them all."""
+    trainers = [Trainer(client, job, rank=r, world_size=2, persist_dir=out, persist_every=1)
+                for r in (0, 1)]
+    for rank, t in enumerate(trainers):
+        for step in steps:
+            t.snapshot(step, make_payload(step, rank, 2, job))
+    for t in trainers:
+        t.close()
+
+
+def test_a_persist_step_a_slow_rank_seals_after_a_fast_ranks_next_one_is_still_written(
+        daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    rank_0_then_rank_1(client, job, out, (1, 2))  # rank 0 still holds 1 in its other slot
+    wait_until(lambda: complete_steps(out) == [1, 2], what="steps 1 and 2 on disk")
+    assert client.status().errors == []
+
+
+def test_a_persist_step_a_rank_overwrote_before_the_others_sealed_it_is_reported(
+        daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    rank_0_then_rank_1(client, job, out, (1, 2, 3))  # rank 0's step 3 overwrote its step 1
+    wait_until(lambda: complete_steps(out) == [2, 3], what="steps 2 and 3 on disk")
+    errors = client.status().errors
+    assert len(errors) == 1 and "step 1 dropped" in errors[0] and "[0]" in errors[0]
+
+
+def test_persist_of_an_older_sealed_step_writes_it_even_after_a_newer_one(daemon, job,
+                                                                          tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    t = Trainer(client, job, persist_dir=out, persist_every=6, keep=0)
+    t.snapshot(4)
+    t.snapshot(6)  # persisted by persist_every
+    wait_until(lambda: complete_steps(out) == [6], what="step 6 on disk")
+    outcome = client.persist(job, rank=0, step=4, wait=True, timeout_s=10)
+    assert (outcome.step, outcome.done, outcome.error) == (4, True, "")
+    assert complete_steps(out) == [4, 6] and verify(out / "step-00000004").ok
+    t.close()
+
+
 def test_a_waiting_persist_reports_the_daemons_progress_in_bytes(daemon, job, tmp_path,
-                                                                 slow_disk):
+                                                                 held_disk):
     _, client = daemon
     out = tmp_path / "ckpts"
     t = Trainer(client, job, slot_bytes=8 << 20, persist_dir=out)  # only on request
     payload = make_payload(1, nbytes=4 << 20, chunk_bytes=1 << 20)
     t.snapshot(1, payload)
     seen: list[tuple[int, int]] = []
-    outcome = client.persist(job, rank=0, wait=True, timeout_s=30,
-                             progress=lambda done, total: seen.append((done, total)))
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        held_disk.release()  # the write starts only after the client saw it at 0 bytes
+
+    outcome = client.persist(job, rank=0, wait=True, timeout_s=30, progress=progress)
     assert (outcome.step, outcome.done, outcome.error) == (1, True, "")
-    # The 0.6 s slow-down comes before the first byte is written: the polls see it start,
+    # The held write comes before the first byte is written: the polls see it start,
     # and the last report is the whole payload.
     assert seen[0] == (0, len(payload)) and seen[-1] == (len(payload), len(payload))
     assert all(total == len(payload) for _, total in seen)
@@ -278,6 +391,39 @@ def test_orphan_is_reclaimed_only_after_its_newest_commit_is_persisted(tmp_path,
         assert client.persist(job, wait=True, timeout_s=10).done
         wait_until(lambda: not shm_file(t.reg.segment_name).exists(), what="orphan reclaimed")
         assert any("reclaimed" in e for e in client.status().errors)
+    finally:
+        client.close()
+        server.stop(0).wait(2)
+        core.close()
+
+
+def test_an_orphan_whose_trainer_registers_again_meanwhile_is_not_reclaimed(tmp_path, job,
+                                                                          monkeypatch):
+    """The watcher decides to reclaim, then the restarted trainer's Register lands before
+    the unlink: the trainer keeps the segment Register told it exists."""
+    core, server, client = start_daemon(tmp_path, reclaim_orphans_after_s=0.2)
+    try:
+        out = tmp_path / "ckpts"
+        t = Trainer(client, job, persist_dir=out)
+        t.snapshot(1)
+        assert client.persist(job, wait=True, timeout_s=10).done
+        real_reclaim, answers = core.reclaim, []
+
+        def register_then_reclaim(entry, *args):
+            if not answers:
+                answers.append(client.register(job, 0, 1, os.getpid(), 1 << 20,
+                                               persist_dir=str(out)))
+            real_reclaim(entry, *args)
+
+        monkeypatch.setattr(core, "reclaim", register_then_reclaim)
+        client.register(job, 0, 1, dead_pid(), 1 << 20, persist_dir=str(out))  # owner dead
+        wait_until(lambda: answers, what="the watcher's reclaim decision")
+        time.sleep(0.3)  # a few more watcher ticks: the owner is alive again
+        assert answers[0].existed and shm_file(answers[0].segment_name).exists()
+        slot, seq = t.write(2, make_payload(2, job=job))
+        client.commit(job, 0, slot, 2, seq)
+        assert not any("reclaimed" in e for e in client.status().errors)
+        t.close()
     finally:
         client.close()
         server.stop(0).wait(2)

@@ -166,10 +166,13 @@ class SlotPersister:
             if task.supersedable:
                 if self._writing is not None:
                     superseded = self._queued_supersedable.pop(task.job, None)
+                    if superseded is not None:
+                        # In the same critical section as the pop: the worker, taking it
+                        # off the queue, must see it dropped.
+                        self._dropped.add(id(superseded[0]))
                 self._queued_supersedable[task.job] = (task, fut)
         if superseded is not None:
             old, old_fut = superseded
-            self._dropped.add(id(old))
             self._release(old)
             message = (f"persist of job {old.job!r} step {old.step} skipped: step {task.step} "
                        f"was committed while it waited behind a persist still writing; "
@@ -233,7 +236,7 @@ class SlotPersister:
                     self._pending[task.job] -= 1
                     if self._pending[task.job] <= 0:
                         del self._pending[task.job]
-            if outcome is not None:
+            if outcome is not None and not fut.done():
                 fut.set_result(outcome)
         # Drain: nobody waits forever on a request the worker will never run.
         while True:
@@ -255,12 +258,16 @@ class SlotPersister:
         held = {entry.rank: (entry, slot, info) for entry, slot, info in task.held}
         found = [held.get(f[0].rank, f) for f in found]
         entries = [f[0] for f in found]
-        if all(e.last_persisted_step >= task.step for e in entries):
-            return PersistOutcome(task.step, True, "")
         config = entries[0].config
         if not config.persist_dir:
             return self._fail(task, entries, f"job {task.job!r} has no persist_dir; Register "
                                              f"with persist_dir to persist")
+        # Already written: the newest persisted step of every rank here (its step dir may
+        # still wait for other nodes' ranks), or a complete step dir. An older step than
+        # the newest persisted one is written again unless it is on disk.
+        if all(e.last_persisted_step == task.step for e in entries) \
+                or task.step in complete_disk_steps(config.persist_dir):
+            return PersistOutcome(task.step, True, "")
         t0 = time.monotonic()
         try:
             payloads = {}
@@ -290,6 +297,12 @@ class SlotPersister:
         for entry in entries:
             entry.last_persisted_step = max(entry.last_persisted_step, task.step)
             self._registry.save_sidecar(entry)
+        if len(payloads) == config.world_size and config.keep > 0 \
+                and task.step not in complete_disk_steps(config.persist_dir):
+            return self._fail(task, entries, f"persist of job {task.job!r} step {task.step} "
+                                             f"was written and then removed by retention: "
+                                             f"keep={config.keep} keeps the newest steps, "
+                                             f"which are all later than {task.step}")
         t1 = time.monotonic()
         log.info("persisted job %s step %d ranks %s in %.3f s (staging %.3f s, writing %.3f s)",
                  task.job, task.step, list(task.ranks), t1 - t0, t_staged - t0, t1 - t_staged)

@@ -270,6 +270,17 @@ class SegmentRegistry:
             except Exception:  # noqa: BLE001
                 pass
 
+    def remove_orphan(self, entry: SegmentEntry, dead_for_s: float, now: float) -> bool:
+        """Unlink ``entry`` if its owner has still been dead for ``dead_for_s`` at ``now``
+        and nothing reads it. Checked and removed under the lock that ``register`` takes,
+        so a trainer re-registering meanwhile keeps its segment. True if removed."""
+        with self._lock:
+            since = entry.owner_dead_since_s
+            if since is None or now - since < dead_for_s or self.has_pins(entry):
+                return False
+            self.remove(entry, unlink=True)
+            return True
+
     def has_pins(self, entry: SegmentEntry) -> bool:
         """Whether a persist or Fetch is reading one of ``entry``'s slots right now."""
         with self._lock:

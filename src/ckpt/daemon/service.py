@@ -7,7 +7,11 @@ messages). Errors are ckpt errors; the servicer maps them to gRPC status codes.
 Persistence rule: a commit of step ``s`` with ``s % persist_every == 0`` marks ``s``
 pending for its job; it is queued once every rank of the job registered here has sealed
 ``s`` (so the ranks of one job on this node go into one step dir). Step numbers, not
-commit counts, decide, so daemons on different nodes pick the same steps.
+commit counts, decide, so daemons on different nodes pick the same steps. Several steps
+may be pending at once (a fast rank may commit ``s + persist_every`` before a slow one
+seals ``s``); each is queued when complete, oldest first, and one that a rank has moved
+past without sealing it (its slot was overwritten, or the snapshot skipped) is dropped
+with an error in Status, since no local copy of that rank's ``s`` is left.
 
 Thread-safety: every method may be called from any gRPC worker thread.
 """
@@ -51,7 +55,8 @@ class DaemonCore:
         self.persister = SlotPersister(self.registry)
         self.watch = TrainerWatch(self, reclaim_orphans_after_s, watch_interval_s)
         self._lock = threading.RLock()
-        self._pending_step: dict[str, int] = {}  # job -> step waiting for all local ranks
+        self._pending_steps: dict[str, set[int]] = {}  # job -> steps waiting for local ranks
+        self._handled_step: dict[str, int] = {}  # job -> newest step queued or dropped
         self._started_s = time.monotonic()
         self.problems: collections.deque = collections.deque(maxlen=20)
 
@@ -111,26 +116,48 @@ class DaemonCore:
             entry.last_commit = (slot, step, seq)
             cfg = entry.config
             if (cfg.persist_dir and cfg.persist_every > 0 and step % cfg.persist_every == 0
-                    and step > entry.last_persisted_step):
-                self._pending_step[entry.job] = max(step, self._pending_step.get(entry.job, -1))
+                    and step > entry.last_persisted_step
+                    and step > self._handled_step.get(entry.job, -1)):
+                self._pending_steps.setdefault(entry.job, set()).add(step)
             entry.last_commit_scheduled = self._schedule_pending(entry.job)
             return entry.last_commit_scheduled
 
     def _schedule_pending(self, job: str) -> bool:
-        step = self._pending_step.get(job)
-        if step is None:
+        """Queue every pending step of ``job`` that all its local ranks have sealed, oldest
+        first; drop the ones a rank has moved past without sealing. True if one was queued."""
+        steps = self._pending_steps.get(job)
+        if not steps:
             return False
         entries = self.registry.job_entries(job)
-        if not all(any(i["step"] == step for _, i in e.sealed_slots()) for e in entries):
-            return False
-        del self._pending_step[job]
         ranks = tuple(e.rank for e in entries)
         # Skipping a step when the disk falls behind is safe only when no other node must
         # persist the same step for it to complete.
         all_local = len(ranks) == entries[0].config.world_size
-        self.persister.submit(PersistTask(job, step, ranks, held=self._pin_step(job, step, ranks),
-                                          supersedable=all_local))
-        return True
+        scheduled = False
+        for step in sorted(steps):
+            holds = [any(i["step"] == step for _, i in e.sealed_slots()) for e in entries]
+            if all(holds):
+                steps.discard(step)
+                self._handled_step[job] = max(step, self._handled_step.get(job, -1))
+                self.persister.submit(PersistTask(job, step, ranks,
+                                                  held=self._pin_step(job, step, ranks),
+                                                  supersedable=all_local))
+                scheduled = True
+                continue
+            gone = [e.rank for e, has in zip(entries, holds) if not has
+                    and e.last_commit is not None and e.last_commit[1] > step]
+            if gone:
+                steps.discard(step)
+                self._handled_step[job] = max(step, self._handled_step.get(job, -1))
+                message = (f"persist of job {job!r} step {step} dropped: rank(s) {gone} "
+                           f"committed a later step and no longer hold step {step}, so this "
+                           f"node cannot write it (the ranks were more than one snapshot "
+                           f"apart); a later persist step is written instead")
+                log.error("%s", message)
+                self.problems.append(message)
+        if not steps:
+            del self._pending_steps[job]
+        return scheduled
 
     def _pin_step(self, job: str, step: int, ranks: tuple[int, ...]) -> tuple:
         """Pin the slot holding ``step`` of each rank now, so that the trainer's next
@@ -234,7 +261,8 @@ class DaemonCore:
                     unlinked.append(e.name)
                 else:
                     pending.append(e.name)
-            self._pending_step.pop(job, None)
+            self._pending_steps.pop(job, None)
+            self._handled_step.pop(job, None)
         if pending:
             try:
                 self.persist(job, None, -1, wait=False, timeout_s=0)
@@ -249,13 +277,14 @@ class DaemonCore:
 
     # -- watcher hooks ----------------------------------------------------------------------
 
-    def reclaim(self, entry: SegmentEntry, reason: str) -> None:
+    def reclaim(self, entry: SegmentEntry, reason: str, dead_for_s: float, now: float) -> None:
+        """Unlink an orphaned segment, unless its owner came back (re-registered) or a
+        reader holds it since the watcher decided."""
         with self._lock:
-            if self.registry.has_pins(entry):
+            if not self.registry.remove_orphan(entry, dead_for_s, now):
                 return
-            log.warning("reclaiming orphaned segment %s: %s", entry.name, reason)
+            log.warning("reclaimed orphaned segment %s: %s", entry.name, reason)
             self.problems.append(f"reclaimed {entry.name}: {reason}")
-            self.registry.remove(entry, unlink=True)
 
     def drop_superseded_and_released(self) -> None:
         """Unlink old generations once a newer one has a commit, and released segments once

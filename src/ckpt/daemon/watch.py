@@ -79,7 +79,8 @@ class TrainerWatch:
                 core.on_commit(entry, int(c[0]), int(c[1]), int(c[2]))
             if self._is_reclaimable(entry, now):
                 core.reclaim(entry, f"owner pid {entry.owner_pid} dead for more than "
-                                    f"{self._reclaim_after_s} s and newest commit persisted")
+                                    f"{self._reclaim_after_s} s and newest commit persisted",
+                             self._reclaim_after_s, now)
         core.drop_superseded_and_released()
 
     def _break_dead_locks(self, entry) -> None:
