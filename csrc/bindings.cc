@@ -66,11 +66,15 @@ std::vector<CopyJob> parse_jobs(py::handle jobs, const std::string& call, size_t
   return out;
 }
 
+// Longer waits (inf included) are "forever": a duration of 1e10 s or more overflows the
+// clock's nanoseconds and would make wait_for return at once.
+constexpr double kForeverS = 1e9;
+
 double as_timeout(py::object timeout_s) {
   if (timeout_s.is_none()) return -1.0;
   double t = py::cast<double>(timeout_s);
   if (!(t >= 0)) fail("CopyTicket.wait: timeout_s must be >= 0 or None, got " + std::string(py::str(timeout_s)));
-  return t;
+  return t >= kForeverS ? -1.0 : t;
 }
 
 // A writable byte buffer over one slot; keeps the mapping alive while any
@@ -178,9 +182,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "_crc32c_scalar",
       [](py::handle data, uint32_t value) {
-        py::buffer b = py::reinterpret_borrow<py::buffer>(data);
-        py::buffer_info info = b.request();
-        return crc32c_scalar(info.ptr, static_cast<size_t>(info.size * info.itemsize), value);
+        Py_buffer view;
+        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) {
+          PyErr_Clear();
+          fail("_crc32c_scalar: data must be a C-contiguous buffer");
+        }
+        uint32_t crc = crc32c_scalar(view.buf, static_cast<size_t>(view.len), value);
+        PyBuffer_Release(&view);
+        return crc;
       },
       py::arg("data"), py::arg("value") = 0, "The scalar oracle (tests only).");
   m.def("_fuse_mode", &crc32c_fuse_mode, "How copy and crc are fused: \"inline\" or \"blocked\".");
@@ -211,7 +220,12 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<EngineHandle>(m, "CopyEngine", "Persistent pool of copy workers. Thread-safe.")
       .def(py::init([](int threads, int nice) {
-             return EngineHandle{std::make_shared<CopyEngine>(threads, nice)};
+             // In a child of fork() the engine's condition variable still counts the
+             // parent's waiting workers, so destroying it would block: leak it there.
+             return EngineHandle{std::shared_ptr<CopyEngine>(new CopyEngine(threads, nice), [](CopyEngine* e) {
+               e->close();
+               if (!e->forked()) delete e;
+             })};
            }),
            py::arg("threads"), py::arg("nice") = 0,
            "threads workers; nice 0..19 lowers their priority (Linux, per thread).")
@@ -318,7 +332,9 @@ PYBIND11_MODULE(_C, m) {
       .def("try_lock", &Segment::try_lock, py::arg("i"), py::arg("owner_pid"), py::arg("mode"))
       .def("lock_owner", &Segment::lock_owner, py::arg("i"))
       .def("unlock", &Segment::unlock, py::arg("i"), py::arg("owner_pid"))
-      .def("break_lock", &Segment::break_lock, py::arg("i"))
+      .def("break_lock", &Segment::break_lock, py::arg("i"), py::arg("owner_pid") = 0,
+           "Clear slot i's lock if `owner_pid` (0: anyone) still holds it; True if cleared. "
+           "Pass the dead owner you checked, so that a lock taken since is kept.")
       .def("seal", &Segment::seal, py::arg("i"), py::arg("step"), py::arg("payload_bytes"), py::arg("payload_crc"))
       .def("mark_writing", &Segment::mark_writing, py::arg("i"))
       .def("committed", &Segment::committed)
@@ -339,8 +355,11 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "close",
           [](Segment& s) {
-            py::gil_scoped_release nogil;  // munmap of a GiB-sized mapping takes tens of ms
-            s.close();
+            // Detach under the GIL (other threads' calls hold it while they use the mapping),
+            // then unmap without it: munmap of a GiB-sized mapping takes tens of ms.
+            std::shared_ptr<Mapping> m = s.detach();
+            py::gil_scoped_release nogil;
+            m.reset();
           },
           "Unmap (once no slot_view is alive). Idempotent. Releases the GIL.")
       .def("__enter__", [](py::object self) { return self; })

@@ -68,7 +68,7 @@ bool CopyTicket::done() const {
   return batch_->done;
 }
 
-CopyEngine::CopyEngine(int threads, int nice) : threads_(threads) {
+CopyEngine::CopyEngine(int threads, int nice) : threads_(threads), owner_pid_(::getpid()) {
   if (threads < 1 || threads > 1024)
     throw NativeErrorCpp("CopyEngine(threads=" + std::to_string(threads) +
                          "): threads must be between 1 and 1024");
@@ -87,7 +87,16 @@ CopyEngine::CopyEngine(int threads, int nice) : threads_(threads) {
 
 CopyEngine::~CopyEngine() { close(); }
 
+bool CopyEngine::forked() const { return ::getpid() != owner_pid_; }
+
 void CopyEngine::close() {
+  if (forked()) {
+    // The workers (and whoever held mu_ at fork) live in the parent: joining would wait
+    // forever and mu_ may be locked. Leak the thread handles on purpose.
+    if (!workers_.empty()) new std::vector<std::thread>(std::move(workers_));
+    workers_.clear();
+    return;
+  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (stopping_ && workers_.empty()) return;
@@ -105,6 +114,9 @@ CopyTicket CopyEngine::submit(const std::vector<CopyJob>& jobs, uint64_t chunk_b
                      : mode == BatchMode::kCrcOnly ? "CopyEngine.crc_chunks"
                                                    : "CopyEngine.verified_copy";
   if (chunk_bytes == 0) throw NativeErrorCpp(std::string(call) + ": chunk_bytes must be > 0");
+  if (forked())
+    throw NativeErrorCpp(std::string(call) + ": this CopyEngine was made in process " + std::to_string(owner_pid_) +
+                         " and its workers did not survive fork(); create a new CopyEngine in this process");
   const bool copy = mode != BatchMode::kCrcOnly;
   // A verified chunk is checked whole before any of it is copied: one piece per chunk.
   const uint64_t piece_bytes = mode == BatchMode::kVerifiedCopy ? chunk_bytes : kPieceBytes;

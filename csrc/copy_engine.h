@@ -80,15 +80,19 @@ class CopyEngine {
   // crc_out receives every chunk's actual crc for the caller to compare.
   CopyTicket submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes, uint64_t crc_out,
                     BatchMode mode, uint64_t expected_crc = 0);
-  // Finishes the work already submitted, then stops the workers. Idempotent.
+  // Finishes the work already submitted, then stops the workers. Idempotent. In a
+  // child of fork() (which has none of the workers) it only forgets them.
   void close();
   int threads() const { return threads_; }
+  // True in a child of fork(): the workers belong to the parent.
+  bool forked() const;
 
  private:
   void worker_loop();
   static void finish(Batch& b);
 
   int threads_;
+  long owner_pid_;  // the process whose workers these are
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::shared_ptr<Batch>> queue_;

@@ -110,7 +110,7 @@ Segment Segment::create(const std::string& name, uint64_t slot_bytes) {
     }
     std::atomic_thread_fence(std::memory_order_release);
     std::memcpy(h->magic, kMagic, sizeof(kMagic));  // last: a complete header is now visible
-    return Segment(name, std::move(map));
+    return Segment(name, std::move(map), slot_bytes);
   } catch (...) {
     ::shm_unlink(name.c_str());
     throw;
@@ -151,12 +151,15 @@ Segment Segment::open(const std::string& name, bool populate) {
     throw NativeErrorCpp(where + ": segment version " + std::to_string(h->version) +
                          ", this build reads version " + std::to_string(kSegVersion) +
                          "; use a matching ckpt version or unlink it");
-  uint64_t expect = kSegHeaderBytes + 2 * h->slot_bytes;
-  if (h->slot_bytes == 0 || h->slot_bytes % kPage != 0 || h->size_bytes != expect || size != expect)
+  // Read once: another process may write the header meanwhile. Bounded before the
+  // multiplication, so a huge value cannot wrap the size check around.
+  const uint64_t slot_bytes = h->slot_bytes, size_in_header = h->size_bytes;
+  const bool fits = slot_bytes != 0 && slot_bytes % kPage == 0 && slot_bytes <= (size - kSegHeaderBytes) / 2;
+  if (!fits || size != kSegHeaderBytes + 2 * slot_bytes || size_in_header != size)
     throw NativeErrorCpp(where + ": segment is " + std::to_string(size) + " bytes but its header says slot_bytes=" +
-                         std::to_string(h->slot_bytes) + " (expected " + std::to_string(expect) +
-                         " bytes): truncated or corrupt; unlink it");
-  return Segment(name, std::move(map));
+                         std::to_string(slot_bytes) + " and size_bytes=" + std::to_string(size_in_header) +
+                         " (a segment is 4096 + 2 * slot_bytes): truncated or corrupt; unlink it");
+  return Segment(name, std::move(map), slot_bytes);
 }
 
 void Segment::unlink(const std::string& name) {
@@ -194,8 +197,14 @@ std::shared_ptr<Mapping> Segment::mapping() const {
   return map_;
 }
 
-uint64_t Segment::slot_bytes() const { return hdr("slot_bytes")->slot_bytes; }
-uint64_t Segment::size_bytes() const { return hdr("size_bytes")->size_bytes; }
+uint64_t Segment::slot_bytes() const {
+  hdr("slot_bytes");
+  return slot_bytes_;
+}
+uint64_t Segment::size_bytes() const {
+  hdr("size_bytes");
+  return map_->size;
+}
 
 uint64_t Segment::base_address() const {
   hdr("base_address");
@@ -241,9 +250,14 @@ void Segment::unlock(int i, uint64_t owner_pid) {
   }
 }
 
-void Segment::break_lock(int i) {
+bool Segment::break_lock(int i, uint64_t owner_pid) {
   check_slot("break_lock", i);
-  hdr("break_lock")->lock[i].store(0, std::memory_order_release);
+  auto& word = hdr("break_lock")->lock[i];
+  uint64_t w = word.load(std::memory_order_acquire);
+  while (w != 0 && (owner_pid == 0 || (w & kPidMask) == owner_pid)) {
+    if (word.compare_exchange_weak(w, 0, std::memory_order_acq_rel, std::memory_order_acquire)) return true;
+  }
+  return false;
 }
 
 void Segment::mark_writing(int i) {
@@ -259,9 +273,9 @@ uint64_t Segment::seal(int i, int64_t step, uint64_t payload_bytes, uint32_t pay
   if ((lw >> 62) != kWriteLock)
     throw NativeErrorCpp("Segment.seal('" + name_ + "', slot " + std::to_string(i) +
                          "): the caller must hold the slot's write lock (take it with try_lock(i, pid, \"write\"))");
-  if (payload_bytes > h->slot_bytes)
+  if (payload_bytes > slot_bytes_)
     throw NativeErrorCpp("Segment.seal: payload_bytes=" + std::to_string(payload_bytes) +
-                         " exceeds slot_bytes=" + std::to_string(h->slot_bytes));
+                         " exceeds slot_bytes=" + std::to_string(slot_bytes_));
   SlotHeader& s = h->slot[i];
   s.state.store(kWriting, std::memory_order_release);
   uint64_t seq = h->next_seq.fetch_add(1, std::memory_order_acq_rel) + 1;
@@ -288,6 +302,7 @@ SlotInfo Segment::slot_info(int i) const {
   info.seq = s.seq;
   info.payload_bytes = s.payload_bytes;
   info.payload_crc = s.payload_crc;
+  if (info.payload_bytes > slot_bytes_) info.state = kInvalid;  // damaged: never read past the slot
   return info;
 }
 
@@ -316,5 +331,11 @@ bool Segment::pin() {
 }
 
 void Segment::close() { map_.reset(); }
+
+std::shared_ptr<Mapping> Segment::detach() {
+  std::shared_ptr<Mapping> m;
+  m.swap(map_);
+  return m;
+}
 
 }  // namespace ckpt

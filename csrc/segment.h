@@ -16,7 +16,7 @@ namespace ckpt {
 constexpr uint64_t kSegHeaderBytes = 4096;
 constexpr uint32_t kSegVersion = 1;
 
-enum SlotState : uint32_t { kEmpty = 0, kWriting = 1, kSealed = 2 };
+enum SlotState : uint32_t { kEmpty = 0, kWriting = 1, kSealed = 2, kInvalid = 3 /* reported only */ };
 enum LockMode : uint64_t { kWriteLock = 1, kReadLock = 2 };
 
 // Byte layout of [0, 4096). Offsets are part of the on-shm contract.
@@ -72,6 +72,8 @@ class Segment {
   static bool exists(const std::string& name);
 
   const std::string& name() const { return name_; }
+  // Sizes as checked when the segment was created or opened: never re-read from the
+  // header, which every process mapping the segment can write.
   uint64_t slot_bytes() const;
   uint64_t size_bytes() const;
   uint64_t slot_address(int i) const;
@@ -81,22 +83,31 @@ class Segment {
   bool try_lock(int i, uint64_t owner_pid, const std::string& mode);
   std::optional<std::pair<std::string, uint64_t>> lock_owner(int i) const;
   void unlock(int i, uint64_t owner_pid);
-  void break_lock(int i);
+  // Clears the lock only while it is still held by `owner_pid` (0: by anyone), so a
+  // breaker that checked a dead owner never clears a lock a live process took since.
+  // True when this call cleared it.
+  bool break_lock(int i, uint64_t owner_pid = 0);
   uint64_t seal(int i, int64_t step, uint64_t payload_bytes, uint32_t payload_crc);
   void mark_writing(int i);
   std::optional<std::tuple<int, int64_t, uint64_t>> committed() const;
+  // A payload_bytes larger than the slot (a damaged header) reads as state INVALID.
   SlotInfo slot_info(int i) const;
   bool pin();
   void close();
+  // Takes the mapping out of this Segment (now closed) and hands it to the caller, whose
+  // release of it unmaps: the binding detaches under the GIL, then unmaps without it.
+  std::shared_ptr<Mapping> detach();
   bool closed() const { return !map_; }
 
  private:
-  Segment(std::string name, std::shared_ptr<Mapping> map) : name_(std::move(name)), map_(std::move(map)) {}
+  Segment(std::string name, std::shared_ptr<Mapping> map, uint64_t slot_bytes)
+      : name_(std::move(name)), map_(std::move(map)), slot_bytes_(slot_bytes) {}
   SegHeader* hdr(const char* call) const;
   void check_slot(const char* call, int i) const;
 
   std::string name_;
   std::shared_ptr<Mapping> map_;
+  uint64_t slot_bytes_ = 0;
 };
 
 const char* slot_state_name(uint32_t state);

@@ -44,8 +44,9 @@ class Pool {
     job.helpers_wanted = threads - 1;
     {
       std::lock_guard<std::mutex> g(mu_);
+      // A worker made now starts from the generation before this job's, so it joins it.
       while (int(workers_.size()) < threads - 1 && int(workers_.size()) < kMaxWorkers) {
-        workers_.emplace_back([this] { loop(); });
+        workers_.emplace_back([this, seen = gen_] { loop(seen); });
         workers_.back().detach();  // lives as long as the process
       }
       job_ = &job;
@@ -60,10 +61,8 @@ class Pool {
   }
 
  private:
-  void loop() {
-    uint64_t seen = 0;
+  void loop(uint64_t seen) {
     std::unique_lock<std::mutex> g(mu_);
-    seen = gen_;
     for (;;) {
       cv_work_.wait(g, [&] { return gen_ != seen; });
       seen = gen_;

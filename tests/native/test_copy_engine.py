@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -162,6 +163,41 @@ def test_wait_times_out_then_completes() -> None:
         assert ticket.wait(0.0) is False
         assert ticket.wait(60.0) is True
     assert dst[-1] == 1 and dst[0] == 1
+
+
+@pytest.mark.parametrize("timeout_s", [float("inf"), 1e300, 1e10])
+def test_a_huge_or_infinite_timeout_waits_until_done(timeout_s: float) -> None:
+    nbytes = 64 << 20
+    src, dst = np.ones(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
+    with _C.CopyEngine(1) as engine:
+        ticket = engine.submit([(src.ctypes.data, dst.ctypes.data, nbytes)], 1 << 20, 0)
+        assert ticket.wait(timeout_s) is True and ticket.done()
+    assert dst[-1] == 1
+
+
+def test_in_a_forked_child_the_engine_refuses_work_and_closes_at_once() -> None:
+    """The child has none of the parent's workers: submit says so, close never joins them."""
+    engine = _C.CopyEngine(2)
+    src, dst = _random(1 << 20), np.zeros(1 << 20, dtype=np.uint8)
+    pid = os.fork()
+    if pid == 0:  # child: exit code 0 only if both behaviours hold
+        code = 1
+        try:
+            signal.alarm(20)  # a hang fails the test instead of blocking it
+            try:
+                engine.submit([(src.ctypes.data, dst.ctypes.data, src.nbytes)], 1 << 20, 0)
+            except _C.NativeError as e:
+                if "fork" in str(e):
+                    engine.close()
+                    del engine
+                    code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    ticket = engine.submit([(src.ctypes.data, dst.ctypes.data, src.nbytes)], 1 << 20, 0)
+    assert ticket.wait(30.0) and np.array_equal(src, dst)  # the parent's engine still works
+    engine.close()
 
 
 def test_ticket_stays_valid_after_engine_is_closed_and_deleted() -> None:

@@ -131,3 +131,9 @@ def test_cuda_extension_imports_without_a_gpu() -> None:
     if not _C_cuda.available():
         with pytest.raises(_C_cuda.NativeError, match="no usable CUDA device"):
             _C_cuda.CudaCopier(0)
+
+
+def test_the_scalar_oracle_refuses_a_strided_view_instead_of_reading_past_it() -> None:
+    data = bytes(range(256)) * 4
+    with pytest.raises(_C.NativeError, match="contiguous"):
+        _C._crc32c_scalar(memoryview(data)[::2])

@@ -204,3 +204,52 @@ def test_slot_view_is_numpy_compatible_and_address_matches(name: str) -> None:
     arr[:] = 7
     assert _C.crc32c_addr(seg.slot_address(1), SLOT_BYTES) == _C.crc32c(bytes([7]) * SLOT_BYTES)
     del arr
+
+
+def _poke_u64(name: str, offset: int, value: int) -> None:
+    """Another process of this user writes the shared header (it is mapped read-write)."""
+    with open(shm_path(name), "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "little"))
+
+
+def test_sizes_are_the_ones_checked_at_open_whatever_the_header_says_later(name: str) -> None:
+    seg = _C.Segment.create(name, SLOT_BYTES)
+    _poke_u64(name, 16, 1 << 30)  # slot_bytes
+    _poke_u64(name, 24, 1 << 31)  # size_bytes
+    assert (seg.slot_bytes, seg.size_bytes) == (SLOT_BYTES, 4096 + 2 * SLOT_BYTES)
+    assert len(seg.slot_view(1)) == SLOT_BYTES
+    assert seg.slot_address(1) - seg.slot_address(0) == SLOT_BYTES
+    assert seg.try_lock(0, os.getpid(), "write")
+    with pytest.raises(_C.NativeError, match="exceeds slot_bytes"):
+        seg.seal(0, 1, SLOT_BYTES + 1, 0)
+
+
+@pytest.mark.parametrize("slot_bytes", [2**63 + 4096, 2**64 - 4096, SLOT_BYTES * 2])
+def test_open_refuses_a_header_whose_slot_size_does_not_fit_the_file(name: str,
+                                                                    slot_bytes: int) -> None:
+    _C.Segment.create(name, SLOT_BYTES).close()
+    _poke_u64(name, 16, slot_bytes)  # 4096 + 2 * 2**63 + 8192 wraps around to the file size
+    with pytest.raises(_C.NativeError, match="truncated or corrupt"):
+        _C.Segment.open(name)
+
+
+def test_a_payload_size_larger_than_the_slot_reads_as_an_invalid_slot(name: str) -> None:
+    seg = _C.Segment.create(name, SLOT_BYTES)
+    _write_and_seal(seg, 0, 5, b"x" * 100)
+    _write_and_seal(seg, 1, 6, b"y" * 100)
+    _poke_u64(name, 64 + 40 + 24, 1 << 40)  # slot 1's payload_bytes
+    assert seg.slot_info(1)["state"] == "INVALID"
+    assert seg.committed()[:2] == (0, 5)  # the damaged slot is never offered to a reader
+
+
+def test_break_lock_of_a_checked_owner_keeps_a_lock_taken_since(name: str) -> None:
+    seg = _C.Segment.create(name, SLOT_BYTES)
+    dead, live = 1111, 2222
+    assert seg.try_lock(0, dead, "write")
+    assert seg.break_lock(0, dead)  # the first breaker clears it...
+    assert seg.try_lock(0, live, "read")  # ...and a live reader takes it
+    assert not seg.break_lock(0, dead)  # a second breaker that checked `dead` keeps it
+    assert seg.lock_owner(0) == ("read", live)
+    assert seg.break_lock(0)  # no owner given: cleared whoever holds it
+    assert seg.lock_owner(0) is None and not seg.break_lock(0)

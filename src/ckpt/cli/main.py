@@ -13,9 +13,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ckpt.errors import CkptError
+
+if TYPE_CHECKING:
+    from ckpt.storage.fs import StepInfo
 
 # subcommand -> (module, help); each module has main(argv) -> int, written by its owner
 _DISPATCH = {
@@ -81,18 +84,30 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"step": s.step, "path": str(s.path), "complete": s.complete,
                            "staging": s.staging, "size_bytes": s.size_bytes,
-                           "world_size": s.world_size, "mtime_unix_s": s.mtime_unix_s}
+                           "world_size": s.world_size, "mtime_unix_s": s.mtime_unix_s,
+                           "problem": s.problem}
                           for s in steps]))
         return EXIT_OK
     if not steps:
         print(f"no checkpoint steps in {root}")
         return EXIT_OK
-    rows = [(str(s.step), "complete" if s.complete else ("staging" if s.staging else "INCOMPLETE"),
-             _human_bytes(s.size_bytes), "?" if s.world_size is None else str(s.world_size),
+    rows = [(str(s.step), _step_status(s), _human_bytes(s.size_bytes),
+             "?" if s.world_size is None else str(s.world_size),
              _human_age(now - s.mtime_unix_s) if s.mtime_unix_s else "?", s.path.name)
             for s in steps]
     _print_table(("step", "status", "size", "world", "age", "dir"), rows)
+    for s in steps:
+        if s.problem is not None:
+            print(f"DAMAGED {s.problem}", file=sys.stderr)
     return EXIT_OK
+
+
+def _step_status(info: StepInfo) -> str:
+    if info.complete:
+        return "complete"
+    if info.staging:
+        return "staging"
+    return "DAMAGED" if info.problem is not None else "INCOMPLETE"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -126,16 +141,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ckpt.format.verify import verify
+    from ckpt.format.verify import TABLE_DAMAGE, verify
     from ckpt.progress import byte_progress
 
     path = _resolve_step(args.path)
     with byte_progress(f"verify {path.name}", enabled=not args.quiet) as progress:
         report = verify(path, progress=progress)
     for d in report.damage:
-        print(f"DAMAGED {d.file} tensor {d.tensor!r} chunk {d.chunk_index}: {d.message}",
-              file=sys.stderr)
-    status = "ok" if report.ok else f"DAMAGED ({len(report.damage)} chunks)"
+        if d.chunk_index == TABLE_DAMAGE:  # the message names the file
+            print(f"DAMAGED {d.message}", file=sys.stderr)
+        else:
+            print(f"DAMAGED {d.file} tensor {d.tensor!r} chunk {d.chunk_index}: {d.message}",
+                  file=sys.stderr)
+    status = "ok" if report.ok else f"DAMAGED ({len(report.damage)} problems)"
     print(f"{path}: step {report.step}, {report.chunks_checked} chunks, "
           f"{_human_bytes(report.raw_bytes_checked)} checked: {status}")
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -196,13 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CkptError as exc:
         print(f"ckpt: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        return EXIT_FAILED
     except OSError as exc:  # permissions, I/O errors: the message names the file
         print(f"ckpt: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("ckpt: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except Exception as exc:  # noqa: BLE001 - the promise: one line, never a traceback
+        print(f"ckpt: error: unexpected {type(exc).__name__}: {exc} (a checkpoint file may be "
+              f"damaged in a way ckpt does not check yet; please report it)", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -91,7 +91,8 @@ class TrainerWatch:
             mode, pid = owner
             if pid == self._pid or pid_alive(pid):
                 continue
-            entry.segment.break_lock(slot)
+            if not entry.segment.break_lock(slot, pid):
+                continue  # someone broke it first and a live process holds it now
             message = (f"broke the {mode} lock of slot {slot} of {entry.name} held by dead "
                        f"pid {pid}")
             log.warning("%s", message)

@@ -10,6 +10,8 @@ One row per tensor piece. Chunk lists are parallel: chunk j of a piece has
 from __future__ import annotations
 
 import json
+import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,8 @@ import pyarrow.parquet as pq
 
 import ckpt
 from ckpt.errors import CorruptCheckpointError
-from ckpt.storage.fs import MANIFEST_FORMAT
+from ckpt.snapshot.layout import DTYPE_ITEMSIZE
+from ckpt.storage.fs import MANIFEST_FORMAT, damaged
 
 STATE_KEY = b"ckpt.state"
 META_KEY = b"ckpt.meta"
@@ -90,8 +93,18 @@ def build_table_bytes(rows: list[dict[str, Any]], state: Any, meta: dict[str, An
     return sink.getvalue().to_pybytes()
 
 
-def parse_table_bytes(blob: bytes, path: str) -> tuple[list[TensorPiece], Any, dict[str, Any]]:
-    """Parse a rank's Parquet file: (pieces, state skeleton, meta). Raises naming ``path``."""
+_CODECS = frozenset(("zstd", "none"))
+
+
+def parse_table_bytes(blob: bytes, path: str, *, rank: int, data_files: dict[str, int]
+                      ) -> tuple[list[TensorPiece], Any, dict[str, Any]]:
+    """Parse rank ``rank``'s Parquet file: (pieces, state skeleton, meta).
+
+    Every row is checked against itself and the step (``data_files``: the manifest's
+    data file names and sizes) before a piece is built: its size matches shape x dtype,
+    its chunks cover it and lie inside a data file of the step. Per-row metadata only,
+    never per byte. Raises CorruptCheckpointError naming ``path`` (and tensor, chunk).
+    """
     try:
         table = pq.read_table(pa.BufferReader(blob), use_threads=False)
     except (pa.ArrowException, OSError) as exc:
@@ -108,27 +121,85 @@ def parse_table_bytes(blob: bytes, path: str) -> tuple[list[TensorPiece], Any, d
         meta = json.loads(kv[META_KEY])
     except (KeyError, ValueError) as exc:
         raise CorruptCheckpointError(f"{path}: bad key-value metadata ({exc})") from None
-    pieces = [_piece_from_row(row, path) for row in table.to_pylist()]
+    if not isinstance(meta, dict):
+        raise damaged(path, f"its ckpt.meta is a {type(meta).__name__}, expected an object")
+    table = _typed_table(table, path)
+    pieces = [_piece_from_row(row, path, rank, data_files) for row in table.to_pylist()]
+    if len({p.name for p in pieces}) != len(pieces):
+        raise damaged(path, "it lists a tensor name more than once")
     return pieces, state, meta
 
 
-def _piece_from_row(row: dict[str, Any], path: str) -> TensorPiece:
+def _typed_table(table: pa.Table, path: str) -> pa.Table:
+    """``table``'s SCHEMA columns, refused unless each has exactly the SCHEMA type.
+
+    No cast and no Arrow compute kernel: they may start Arrow's thread pool, and a pool
+    thread alive at interpreter exit aborts the process (see build_table_bytes).
+    """
+    table = table.select(SCHEMA.names)
+    for field in SCHEMA:
+        found = table.schema.field(field.name).type
+        if found != field.type:
+            raise damaged(path, f"column {field.name!r} has type {found}, expected {field.type}")
+    return table
+
+
+_LIST_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_list(f.type))
+
+
+def _piece_from_row(row: dict[str, Any], path: str, rank: int,
+                    data_files: dict[str, int]) -> TensorPiece:
+    where = f"{path}: tensor {row['name']!r}"
+    if None in row.values() or any(None in row[k] for k in _LIST_COLUMNS):
+        column = next(k for k, v in row.items() if v is None or (k in _LIST_COLUMNS
+                                                                 and None in v))
+        raise damaged(where, f"column {column!r} holds a null value")
+    if row["rank"] != rank:
+        raise damaged(where, f"its row says rank {row['rank']}, the table is rank {rank}'s")
+    dtype, shape, global_shape, piece_offsets = (row[k] for k in ("dtype", "shape",
+                                                                  "global_shape", "offsets"))
+    itemsize = DTYPE_ITEMSIZE.get(dtype)
+    if itemsize is None:
+        raise damaged(where, f"unknown dtype {dtype!r}")
+    if not (len(shape) == len(global_shape) == len(piece_offsets)) or any(
+            n < 0 or o < 0 or o + n > g for n, o, g in zip(shape, piece_offsets, global_shape)):
+        raise damaged(where, f"a piece of shape {shape} at offsets {piece_offsets} does not fit "
+                             f"its global shape {global_shape}")
+    raw_total, nominal = row["raw_bytes"], row["chunk_raw_bytes"]
+    if raw_total != math.prod(shape) * itemsize:
+        raise damaged(where, f"raw_bytes is {raw_total}, but shape {shape} of {dtype} holds "
+                             f"{math.prod(shape) * itemsize} bytes")
+    if raw_total and nominal <= 0:
+        raise damaged(where, f"chunk_raw_bytes is {nominal} for {raw_total} raw bytes")
     offsets, sizes = row["chunk_stored_offsets"], row["chunk_stored_bytes"]
     codecs, crcs = row["chunk_compression"], row["chunk_crc32c"]
-    raw_total, nominal = row["raw_bytes"], row["chunk_raw_bytes"]
     n = len(offsets)
-    expected_n = -(-raw_total // nominal) if nominal > 0 else 0
+    expected_n = -(-raw_total // nominal) if raw_total else 0
     if not (len(sizes) == len(codecs) == len(crcs) == n == expected_n):
-        raise CorruptCheckpointError(
-            f"{path}: tensor {row['name']!r} chunk lists have inconsistent lengths")
+        raise damaged(where, f"its chunk lists have lengths {n}, {len(sizes)}, {len(codecs)}, "
+                             f"{len(crcs)}; {raw_total} bytes in chunks of {nominal} need "
+                             f"{expected_n}")
+    file_bytes = data_files.get(row["file"])
+    if file_bytes is None:
+        raise damaged(where, f"its file {row['file']!r} is not a data file of this step "
+                             f"({sorted(data_files)[:4]})")
+    if n and (min(offsets) < 0 or min(sizes) < 0
+              or max(map(operator.add, offsets, sizes)) > file_bytes):
+        j = next(j for j in range(n)
+                 if offsets[j] < 0 or sizes[j] < 0 or offsets[j] + sizes[j] > file_bytes)
+        raise damaged(f"{where} chunk {j}",
+                      f"its stored bytes [{offsets[j]}, {offsets[j] + sizes[j]}) are not inside "
+                      f"{row['file']} ({file_bytes} bytes)")
+    if n and not _CODECS.issuperset(codecs):
+        j = next(j for j in range(n) if codecs[j] not in _CODECS)
+        raise damaged(f"{where} chunk {j}", f"unknown compression {codecs[j]!r}")
     chunks = tuple(
         ChunkRef(j, offsets[j], sizes[j], j * nominal, min(nominal, raw_total - j * nominal),
                  codecs[j] == "zstd", crcs[j])
         for j in range(n))
-    return TensorPiece(row["name"], row["rank"], row["dtype"], tuple(row["global_shape"]),
-                       tuple(row["offsets"]), tuple(row["shape"]), row["file"],
-                       row["byte_offset"], row["stored_bytes"], raw_total, row["compression"],
-                       row["first_chunk"], chunks)
+    return TensorPiece(row["name"], rank, dtype, tuple(global_shape), tuple(piece_offsets),
+                       tuple(shape), row["file"], row["byte_offset"], row["stored_bytes"],
+                       raw_total, row["compression"], row["first_chunk"], chunks)
 
 
 def build_manifest(step: int, world_size: int, ranks: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -25,7 +26,8 @@ from ckpt import _C
 from ckpt.errors import ConfigError, CorruptCheckpointError, CorruptChunkError
 from ckpt.format.metadata import ChunkRef, TensorPiece, parse_table_bytes
 from ckpt.snapshot.layout import itemsize_of, numpy_dtype_of
-from ckpt.storage.fs import MANIFEST_NAME, read_manifest
+from ckpt.storage.fs import (DAMAGED_ADVICE, MANIFEST_NAME, check_manifest, damaged,
+                             read_manifest)
 
 __all__ = ["StepReader", "TensorPiece", "box_intersection"]
 
@@ -70,6 +72,23 @@ _ZEROS = bytes(1 << 20)
 
 def _zeros(nbytes: int) -> bytes:
     return _ZEROS[:nbytes] if nbytes <= len(_ZEROS) else bytes(nbytes)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file ``path``; CorruptCheckpointError for anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path} is missing; {DAMAGED_ADVICE}") from None
+    except OSError as exc:
+        raise damaged(str(path), f"it cannot be opened as a regular file ({exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise damaged(str(path), "it is not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -133,32 +152,35 @@ class StepReader:
             raise CorruptCheckpointError(
                 f"{self.path / MANIFEST_NAME} is missing: {why}; use an earlier step")
         self.manifest = read_manifest(self.path)
-        try:
-            self.step = int(self.manifest["step"])
-            self.world_size = int(self.manifest["world_size"])
-            ranks = {int(r): info for r, info in self.manifest["ranks"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{self.path / MANIFEST_NAME} lacks {exc}") from None
-        if set(ranks) != set(range(self.world_size)):
-            raise CorruptCheckpointError(
-                f"{self.path / MANIFEST_NAME} lists ranks {sorted(ranks)} for world_size "
-                f"{self.world_size}")
+        self.step, self.world_size, ranks = check_manifest(self.manifest,
+                                                           str(self.path / MANIFEST_NAME))
         self._ranks = ranks
+        # Rows may point into any rank's data file (replicas), and nowhere else.
+        self._data_files = {info["data"]: info["data_bytes"] for info in ranks.values()}
         for rank, info in ranks.items():
             self._check_size(info["data"], info["data_bytes"])
-            if not (self.path / info["meta"]).is_file():
-                raise CorruptCheckpointError(f"{self.path / info['meta']} is missing")
+            self._check_regular(info["meta"])
         self._tables: dict[int, tuple[list[TensorPiece], Any, dict[str, Any]]] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def _check_size(self, name: str, expected: int) -> None:
+    def _check_regular(self, name: str) -> int:
+        """Size of the step's file ``name``; CorruptCheckpointError unless a regular file."""
         path = self.path / name
         try:
-            size = path.stat().st_size
+            st = os.lstat(path)  # a symlink or FIFO in a step dir is damage, never followed
         except FileNotFoundError:
-            raise CorruptCheckpointError(f"{path} is missing") from None
+            raise CorruptCheckpointError(f"{path} is missing; {DAMAGED_ADVICE}") from None
+        except OSError as exc:
+            raise damaged(str(path), f"it cannot be examined ({exc})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise damaged(str(path), "it is not a regular file")
+        return st.st_size
+
+    def _check_size(self, name: str, expected: int) -> None:
+        path = self.path / name
+        size = self._check_regular(name)
         if size != expected:
             raise CorruptCheckpointError(
                 f"{path} is {size} bytes, the manifest recorded {expected}: the file is "
@@ -172,17 +194,27 @@ class StepReader:
             if rank not in self._tables:
                 info = self._ranks[rank]
                 path = self.path / info["meta"]
-                blob = path.read_bytes()
+                blob = _read_regular(path)
                 if _C.crc32c(blob) != info["meta_crc32c"]:
                     raise CorruptCheckpointError(
                         f"{path}: crc32c {_C.crc32c(blob):#010x} does not match the manifest's "
-                        f"{info['meta_crc32c']:#010x}; the tensor table is damaged")
-                self._tables[rank] = parse_table_bytes(blob, str(path))
+                        f"{info['meta_crc32c']:#010x}; the tensor table is damaged; "
+                        f"{DAMAGED_ADVICE}")
+                self._tables[rank] = parse_table_bytes(blob, str(path), rank=rank,
+                                                       data_files=self._data_files)
             return self._tables[rank]
 
     def tensors(self) -> list[TensorPiece]:
         """Every tensor piece of every rank, rank by rank, in payload order."""
         return [p for r in range(self.world_size) for p in self._table(r)[0]]
+
+    def table_path(self, rank: int) -> Path:
+        """The Parquet tensor table of ``rank``."""
+        return self.path / self._ranks[rank]["meta"]
+
+    def rank_pieces(self, rank: int) -> list[TensorPiece]:
+        """The tensor pieces of ``rank``, in payload order (its table is checked on first use)."""
+        return list(self._table(rank)[0])
 
     def pieces(self, name: str) -> list[TensorPiece]:
         found = [p for p in self.tensors() if p.name == name]
@@ -202,7 +234,7 @@ class StepReader:
     def _fd(self, name: str) -> int:
         with self._lock:
             if name not in self._fds:
-                fd = os.open(self.path / name, os.O_RDONLY)
+                fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
                 if hasattr(os, "posix_fadvise"):
                     # Tensors are read front to back in big ranges: a wider readahead
                     # window keeps the disk busy between our requests.
@@ -236,9 +268,18 @@ class StepReader:
         raw = stored
         if chunk.compressed:
             try:
+                # zstd sizes its output from the frame header: a damaged header must not
+                # make it allocate what it says (a flipped bit can claim exabytes).
+                content_bytes = zstandard.frame_content_size(stored)
+                if content_bytes not in (-1, chunk.raw_bytes):
+                    raise CorruptChunkError(
+                        f"{where}: zstd frame header says {content_bytes} bytes, the chunk "
+                        f"holds {chunk.raw_bytes}; the bytes are damaged")
                 raw = self._decompressor().decompress(stored, max_output_size=chunk.raw_bytes)
-            except zstandard.ZstdError as exc:
-                raise CorruptChunkError(f"{where}: zstd frame does not decode ({exc})") from None
+            except (zstandard.ZstdError, MemoryError, ValueError) as exc:
+                raise CorruptChunkError(f"{where}: zstd frame does not decode "
+                                        f"({type(exc).__name__}: {exc}); the bytes are "
+                                        f"damaged") from None
         if len(raw) != chunk.raw_bytes:
             raise CorruptChunkError(f"{where}: decodes to {len(raw)} bytes, expected "
                                     f"{chunk.raw_bytes}")

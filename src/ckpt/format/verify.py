@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ckpt.errors import CorruptChunkError
+from ckpt.errors import CkptError
+from ckpt.format.metadata import ChunkRef, TensorPiece
 from ckpt.format.reader import StepReader
+from ckpt.storage.fs import MANIFEST_NAME, parse_step_dirname
+
+TABLE_DAMAGE = -1  # ChunkDamage.chunk_index when the damage is not in one chunk
 
 
 @dataclass(frozen=True)
 class ChunkDamage:
+    """One damaged chunk, or (``chunk_index == TABLE_DAMAGE``) a damaged table or manifest."""
+
     file: str
     tensor: str
     chunk_index: int
@@ -41,26 +47,51 @@ def verify(path: str | os.PathLike[str],
     """Decode and crc-check every chunk of the step at ``path``; collects all damage.
 
     Raises CorruptCheckpointError when the step cannot be opened at all
-    (missing manifest, foreign directory, truncated or missing files).
+    (missing or damaged manifest, foreign directory, truncated or missing files).
+    Everything after that is reported, not raised: a rank whose tensor table is
+    damaged, each damaged chunk, a manifest whose step is not the directory's.
     ``progress(raw_bytes_done, raw_bytes_total)`` is called after each chunk.
     """
     with StepReader(path) as reader:
+        damage: list[ChunkDamage] = []
+        dir_step = parse_step_dirname(reader.path.name)
+        if dir_step is not None and dir_step != reader.step:
+            damage.append(ChunkDamage(
+                str(reader.path / MANIFEST_NAME), "", TABLE_DAMAGE,
+                f'"step" is {reader.step} but the directory is step {dir_step}: the step was '
+                f"moved or the manifest is foreign; restore ignores it"))
         # A chunk that several ranks' rows point at (a tensor written once for all the
         # ranks holding it, ckpt.format.replicas) is read and counted once.
-        work: dict[tuple[str, int], tuple] = {}
-        for piece in reader.tensors():
-            for chunk in piece.chunks:
-                work.setdefault((piece.file, chunk.stored_offset), (piece, chunk))
+        work: dict[tuple[str, int], tuple[TensorPiece, ChunkRef]] = {}
+        for rank in range(reader.world_size):
+            try:
+                pieces = reader.rank_pieces(rank)
+                meta_step = reader.meta(rank).get("step")
+            except (CkptError, OSError) as exc:
+                damage.append(ChunkDamage(str(reader.table_path(rank)), "", TABLE_DAMAGE,
+                                          str(exc)))
+                continue
+            if meta_step != reader.step:
+                damage.append(ChunkDamage(
+                    str(reader.table_path(rank)), "", TABLE_DAMAGE,
+                    f"rank {rank}'s tensor table is of step {meta_step!r}, the manifest of "
+                    f"step {reader.step}: the files come from different steps"))
+            for piece in pieces:
+                for chunk in piece.chunks:
+                    work.setdefault((piece.file, chunk.stored_offset), (piece, chunk))
         total = sum(chunk.raw_bytes for _, chunk in work.values())
         done = 0
         checked = 0
-        damage: list[ChunkDamage] = []
         for piece, chunk in work.values():
             try:
                 reader.read_chunk(piece, chunk)
-            except CorruptChunkError as exc:
+            except (CkptError, OSError) as exc:
+                message = str(exc)
+                if not isinstance(exc, CkptError):  # an I/O error does not name the chunk
+                    message = f"{reader.path / piece.file}: tensor {piece.name!r} chunk " \
+                              f"{chunk.index}: cannot be read ({exc})"
                 damage.append(ChunkDamage(str(reader.path / piece.file), piece.name,
-                                          chunk.index, str(exc)))
+                                          chunk.index, message))
             checked += 1
             done += chunk.raw_bytes
             if progress is not None:
@@ -69,4 +100,4 @@ def verify(path: str | os.PathLike[str],
                             reader.bytes_read, tuple(damage))
 
 
-__all__ = ["verify", "VerifyReport", "ChunkDamage"]
+__all__ = ["verify", "VerifyReport", "ChunkDamage", "TABLE_DAMAGE"]

@@ -120,6 +120,7 @@ class _SyncedFile:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct = False
+        self._direct_fd = self._direct  # O_DIRECT still set on the file (see _raw_write)
         if not self._direct:
             self._fd = os.open(path, flags, 0o644)
             return
@@ -134,7 +135,18 @@ class _SyncedFile:
         view = data
         try:
             while view:
-                n = os.write(self._fd, view)
+                try:
+                    n = os.write(self._fd, view)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not self._direct_fd:
+                        raise
+                    # Near a file-size limit (or a full disk) the kernel cuts an O_DIRECT
+                    # write to an unaligned length and fails it with EINVAL; a short write
+                    # leaves the offset unaligned, with the same result next time. The rest
+                    # goes through the page cache, which writes it or reports the real
+                    # cause (EFBIG, ENOSPC).
+                    self._stop_direct()
+                    continue
                 self._disk_bytes += n
                 view = view[n:]
         except OSError as exc:
@@ -210,6 +222,14 @@ class _SyncedFile:
         finally:
             self._fd = -1
             os.close(fd)
+
+
+    def _stop_direct(self) -> None:
+        """Clear O_DIRECT on the file (writer thread only; writes stay in order)."""
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct_fd = False
 
 
 def _address(view: memoryview) -> int:
@@ -306,6 +326,7 @@ def write_rank(step_dir_staging: str | os.PathLike[str], rank: int, world_size: 
     if step is None or staging.parent.name != ".staging":
         raise ConfigError(f"{staging} is not a staging step dir (DIR/.staging/step-XXXXXXXX); "
                           f"get one from FsStorage(DIR).begin_step(step)")
+    _check_world_size(world_size)
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     if level < -7 or level > 22:
@@ -366,6 +387,11 @@ def write_rank(step_dir_staging: str | os.PathLike[str], rank: int, world_size: 
     return [data_path, table_path]
 
 
+def _check_world_size(world_size: int) -> None:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ConfigError(f"world_size must be an integer >= 1, got {world_size!r}")
+
+
 def _meta_bytes(view: memoryview) -> int:
     return int.from_bytes(view[16:24], "little")
 
@@ -381,6 +407,7 @@ def finish_if_complete(step_dir_staging: str | os.PathLike[str], world_size: int
     step = parse_step_dirname(staging.name)
     if step is None:
         raise ConfigError(f"{staging} is not a step dir (step-XXXXXXXX)")
+    _check_world_size(world_size)
     storage = FsStorage(staging.parent.parent)
     markers = storage.done_markers(step)
     if set(markers) != set(range(world_size)):
@@ -407,6 +434,7 @@ def persist_payloads(root: str | os.PathLike[str], step: int, world_size: int,
     ``payloads`` must hold all ``world_size`` ranks. On failure the staging dir
     is removed, nothing becomes visible, and earlier steps are untouched.
     """
+    _check_world_size(world_size)
     if set(payloads) != set(range(world_size)):
         raise ConfigError(f"persist_payloads needs the payloads of ranks 0..{world_size - 1}, got "
                           f"{sorted(payloads)}; use write_rank + finish_if_complete for one rank")

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ckpt.errors import CkptError, LayoutMismatchError, StepNotFoundError
+from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
+                         StepNotFoundError)
 from ckpt.hook.state import apply_optimizer_scalars, set_rng_state
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
@@ -129,8 +130,10 @@ def _disk_steps(directory: Path) -> dict[int, Path]:
     complete = {s.step: s.path for s in infos if s.complete}
     newest = max(complete, default=-1)
     for s in infos:
-        if not s.complete and s.step > newest:
-            log.warning("ckpt: skipping %s: it has no valid manifest.json (a persist that was "
+        if s.problem is not None:
+            log.warning("ckpt: skipping %s: %s", s.path, s.problem)
+        elif not s.complete and not s.staging and s.step > newest:
+            log.warning("ckpt: skipping %s: it has no manifest.json (a persist that was "
                         "interrupted, or damage); `ckpt verify %s` tells more", s.path, s.path)
     return complete
 
@@ -167,6 +170,13 @@ class _Loader:
                         f"{where}: tensor {name!r} has {what} {want} in the snapshot but {have} "
                         f"in the model/optimizer; restore into the same model, dtype and "
                         f"parallel layout (resharding is not supported yet)")
+            # Same dtype and shape but another size: the snapshot contradicts itself. The
+            # tiers copy nbytes into the live tensor's memory, so this must never pass.
+            if e["nbytes"] != g.nbytes:
+                raise CorruptCheckpointError(
+                    f"{where}: tensor {name!r} records {e['nbytes']} bytes, but {e['dtype']} of "
+                    f"shape {e['shape']} holds {g.nbytes}; the snapshot is damaged; "
+                    f"restore uses an older step")
         extra = sorted(set(stored) - set(self.live))
         if extra:
             raise LayoutMismatchError(f"{where}: the snapshot has tensors the model/optimizer "
@@ -187,8 +197,8 @@ class _Loader:
         dsts: dict[int, int] = {}
         for i, e in enumerate(entries):
             live = self.live.get(e["name"])
-            if live is not None and e["nbytes"] and live.local.device.type == "cpu" \
-                    and live.local.is_contiguous():
+            if live is not None and e["nbytes"] and e["nbytes"] == live.nbytes \
+                    and live.local.device.type == "cpu" and live.local.is_contiguous():
                 dsts[i] = live.local.data_ptr()
         source.load_verified(dsts)
         out: list[Any] = []
@@ -243,9 +253,13 @@ def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
             if source is not None:
                 source.close()
             raise
-        except (CkptError, OSError, KeyError, ValueError) as exc:
-            log.warning("ckpt: rank %d could not restore step %d from %s: %s; trying the next "
-                        "tier or an older step", target.rank, step, tier, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of one source: try the next
+            # Sources are validated when opened, so the typed errors above are the rule;
+            # anything else (a MemoryError, a bug meeting strange input) must not stop the
+            # fall-back either: the next source overwrites every live tensor.
+            log.warning("ckpt: rank %d could not restore step %d from %s: %s%s; trying the "
+                        "next tier or an older step", target.rank, step, tier,
+                        "" if isinstance(exc, CkptError) else f"{type(exc).__name__}: ", exc)
             if source is not None:
                 source.close()
     return None

@@ -32,8 +32,7 @@ def break_dead_lock(segment: Any, slot: int) -> bool:
     _, pid = owner
     if pid == os.getpid() or pid_alive(pid):
         return False
-    segment.break_lock(slot)
-    return True
+    return segment.break_lock(slot, pid)  # kept if another process took it since
 
 
 def segment_names(job: str, rank: int, shm_dir: Path = Path("/dev/shm")) -> list[tuple[int, str]]:

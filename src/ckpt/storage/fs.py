@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ STAGING_DIRNAME = ".staging"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "manifest.lock"
 MANIFEST_FORMAT = "ckpt/1"
+MAX_MANIFEST_BYTES = 64 << 20  # ~150 bytes a rank: room for 400k ranks
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _DONE_RE = re.compile(r"^rank-(\d{5,})\.done$")
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -95,6 +97,7 @@ class StepInfo:
     size_bytes: int
     world_size: int | None  # from the manifest, or a done marker, when known
     mtime_unix_s: float
+    problem: str | None = None  # why a step whose manifest.json exists is not complete
 
 
 class Storage(Protocol):
@@ -121,14 +124,101 @@ class Storage(Protocol):
     def clean_stale_staging(self) -> list[Path]: ...
 
 
-def read_manifest(step_path: Path) -> dict[str, Any]:
-    """Parse ``step_path/manifest.json``; CorruptCheckpointError naming the file if bad."""
-    path = step_path / MANIFEST_NAME
+# What every "is damaged" error ends with: what restore does, and what the user can do.
+DAMAGED_ADVICE = "restore uses an older step; delete the step dir or re-persist it"
+_MAX_U32 = (1 << 32) - 1
+
+
+def damaged(where: str, what: str) -> CorruptCheckpointError:
+    """The error for a step file whose contents are inconsistent (``where`` names it)."""
+    return CorruptCheckpointError(f"{where} is damaged: {what}; {DAMAGED_ADVICE}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_plain_file_name(value: Any) -> bool:
+    """A name of a file in the step directory itself (no path, no '..', no NUL)."""
+    return (isinstance(value, str) and 0 < len(value) <= 255 and value not in (".", "..")
+            and "/" not in value and "\0" not in value)
+
+
+def check_manifest(manifest: dict[str, Any], path: str
+                   ) -> tuple[int, int, dict[int, dict[str, Any]]]:
+    """(step, world_size, {rank: entry}) of a parsed manifest.json, every field type-checked.
+
+    The manifest has no checksum of its own, so nothing in it is trusted: a field of the
+    wrong type or range raises CorruptCheckpointError naming ``path`` and the field.
+    Cost: O(world_size).
+    """
+    step, world_size, ranks = (manifest.get(k) for k in ("step", "world_size", "ranks"))
+    if not _is_int(step) or step < 0:
+        raise damaged(path, f'"step" is {step!r}, expected an integer >= 0')
+    if not _is_int(world_size) or world_size < 1:
+        raise damaged(path, f'"world_size" is {world_size!r}, expected an integer >= 1')
+    if not isinstance(ranks, dict):
+        raise damaged(path, f'"ranks" is a {type(ranks).__name__}, expected an object')
+    if len(ranks) != world_size:  # checked before anything is sized by world_size
+        raise damaged(path, f'"ranks" lists {len(ranks)} ranks for "world_size" {world_size}')
+    out: dict[int, dict[str, Any]] = {}
+    for key, info in ranks.items():
+        rank = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= rank < world_size or rank in out:
+            raise damaged(path, f'"ranks" has key {key!r}, expected each of 0..{world_size - 1} '
+                                f"once")
+        field = f'"ranks"/"{key}"'
+        if not isinstance(info, dict):
+            raise damaged(path, f"{field} is a {type(info).__name__}, expected an object")
+        for name in ("meta", "data"):
+            if not is_plain_file_name(info.get(name)):
+                raise damaged(path, f'{field}/"{name}" is {info.get(name)!r}, expected the '
+                                    f"name of a file in the step directory")
+        crc, size = info.get("meta_crc32c"), info.get("data_bytes")
+        if not _is_int(crc) or not 0 <= crc <= _MAX_U32:
+            raise damaged(path, f'{field}/"meta_crc32c" is {crc!r}, expected a 32-bit unsigned '
+                                f"integer")
+        if not _is_int(size) or size < 0:
+            raise damaged(path, f'{field}/"data_bytes" is {size!r}, expected an integer >= 0')
+        out[rank] = info
+    return step, world_size, out
+
+
+def _read_manifest_bytes(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of sane size; CorruptCheckpointError
+    otherwise. Never follows a symlink or blocks on a FIFO (O_NOFOLLOW | O_NONBLOCK)."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path} is missing: the step was never committed or was "
                                      f"damaged; use an earlier step") from None
+    except OSError as exc:
+        what = "a symbolic link" if exc.errno == errno.ELOOP else f"unreadable ({exc})"
+        raise damaged(str(path), f"it is {what}, not a regular file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise damaged(str(path), "it is not a regular file")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise damaged(str(path), f"it is {st.st_size} bytes, a manifest is at most "
+                                     f"{MAX_MANIFEST_BYTES}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_MANIFEST_BYTES + 1)
+    except CorruptCheckpointError:
+        raise
+    except OSError as exc:
+        raise damaged(str(path), f"it cannot be read ({exc})") from None
+    finally:
+        os.close(fd)
+
+
+def read_manifest(step_path: Path) -> dict[str, Any]:
+    """Parse ``step_path/manifest.json``; CorruptCheckpointError naming the file if bad.
+
+    Checks the format only; ``ckpt.format.metadata.check_manifest`` checks the fields.
+    """
+    path = step_path / MANIFEST_NAME
+    raw = _read_manifest_bytes(path)
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -201,9 +291,11 @@ class FsStorage:
             m = _DONE_RE.match(name)
             if m:
                 try:
-                    markers[int(m.group(1))] = json.loads((staging / name).read_text())
+                    marker = json.loads((staging / name).read_text())
                 except (OSError, ValueError):
                     continue  # renamed away by a committer, or unreadable: not done
+                if isinstance(marker, dict):
+                    markers[int(m.group(1))] = marker
         return markers
 
     def _take_lock(self, staging: Path) -> bool:
@@ -295,24 +387,32 @@ class FsStorage:
         try:
             for f in os.scandir(path):
                 if f.is_file(follow_symlinks=False):
-                    st = f.stat()
+                    st = f.stat(follow_symlinks=False)
                     size += st.st_size
                     mtime = max(mtime, st.st_mtime)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # removed meanwhile, or unreadable: the size is a hint only
         complete = False
+        problem = None
         if not staging:
             try:
                 manifest = read_manifest(path)
-                complete = manifest.get("step") == step
                 world_size = manifest.get("world_size")
-            except CorruptCheckpointError:
-                pass
+                check_manifest(manifest, str(path / MANIFEST_NAME))
+                complete = manifest.get("step") == step
+                if not complete:
+                    problem = (f"{path / MANIFEST_NAME} is of step {manifest.get('step')!r}, "
+                               f"not {step}")
+            except CorruptCheckpointError as exc:
+                if os.path.lexists(path / MANIFEST_NAME):
+                    problem = str(exc)  # else never committed: incomplete, not damaged
         else:
             markers = self.done_markers(step)
             if markers:
                 world_size = next(iter(markers.values())).get("world_size")
-        return StepInfo(step, path, complete, staging, size, world_size, mtime)
+        if not isinstance(world_size, int) or isinstance(world_size, bool):
+            world_size = None  # a damaged manifest or marker: unknown
+        return StepInfo(step, path, complete, staging, size, world_size, mtime, problem)
 
     def newest_complete(self) -> StepInfo | None:
         complete = [s for s in self.list_steps() if s.complete]
