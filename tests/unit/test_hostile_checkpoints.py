@@ -427,8 +427,9 @@ def test_loader_refuses_a_snapshot_whose_tensor_size_disagrees_with_its_shape(tm
     entries = [{"name": g.name, "dtype": g.dtype_name, "global_shape": list(g.global_shape),
                 "shape": list(g.shape), "offsets": list(g.offsets), "nbytes": g.nbytes}
                for g in loader.live.values()]
-    loader.check({"tensors": entries}, "snapshot")  # consistent: accepted
+    state = {"optim": {"state": {}, "param_groups": []}}  # no optimizer step taken yet
+    loader.check({"tensors": entries, "state": state}, "snapshot")  # consistent: accepted
     entries[0]["nbytes"] += 1 << 20  # copying this many bytes would overrun the live tensor
     with pytest.raises(CorruptCheckpointError, match=rf"snapshot: tensor '{entries[0]['name']}' "
                                                      rf"records \d+ bytes.*damaged"):
-        loader.check({"tensors": entries}, "snapshot")
+        loader.check({"tensors": entries, "state": state}, "snapshot")

@@ -13,7 +13,8 @@ Who calls what, in which order (every rank of a job, on its training thread)::
 copy itself is waited for by the optimizer's step pre-hook, the one blocking
 point of the lazy copy), and up to ``segment_wait_s`` when a new shared-memory
 segment is needed (the first step; the rest of its creation runs in the
-background). Not thread-safe: call it from the training thread.
+background). It never waits for the daemon: Commit RPCs (and reconnects) run on
+a notifier thread of their own. Not thread-safe: call it from the training thread.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from ckpt.config import DEFAULT_CHUNK_BYTES, CheckpointerConfig
 from ckpt.errors import CkptError, ConfigError
-from ckpt.hook.committer import CommitRecord, Committer
+from ckpt.hook.committer import CommitNotifier, CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
 from ckpt.hook.segments import SegmentRequest
 from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
@@ -63,6 +64,17 @@ class CheckpointerStats:
     last_commit_s: float = 0.0     # from start of copy to sealed
     last_committed_step: int = -1
     daemon_errors: int = 0
+
+
+@dataclass(frozen=True)
+class _SkippedSnapshot:
+    """A step() that found no segment: what close() needs to snapshot it faithfully."""
+
+    step: int
+    state_changes: int  # Checkpointer._state_changes at that step
+    plan: Any
+    meta: dict
+    sources: list  # eager copies, and the live parameters and optimizer state
 
 
 def _rank_and_world(group: Any) -> tuple[int, int]:
@@ -122,13 +134,16 @@ class Checkpointer:
         self.engine = _C.CopyEngine(self.config.copy_threads, self.config.copy_nice)
         self.link = DaemonLink(self.config, self.rank, self.world_size)
         self._segment: Any = None
+        self._segment_from_daemon = False
+        self._segment_lock = threading.Lock()  # closing it vs the notifier reading a slot
+        self._superseded: list[str] = []  # segments of ours a newer generation replaces
         self._stager: SlotStager | None = None
         self._switch_to: str | None = None
         self._plan = None
         self._pending: PendingSnapshot | None = None  # copy not yet waited for by the pre-hook
         self._segment_request: SegmentRequest | None = None  # a segment being made off-thread
         self._skips_without_segment = 0
-        self._unsnapshotted: tuple[int, int] | None = None  # (step, _state_changes then)
+        self._unsnapshotted: _SkippedSnapshot | None = None  # the last step without segment
         self._state_changes = 0  # optimizer steps and state loads so far
         self._stats = CheckpointerStats()
         self._stats_lock = threading.Lock()
@@ -136,6 +151,9 @@ class Checkpointer:
         self._saved_threads = 0  # torch's intra-op threads while yield_cores lent some away
         self._module_hook: Any = None
         self._committer = Committer(self._finish, self._on_commit, self.config.wait_timeout_s)
+        every = self.config.persist_every
+        self._notifier = CommitNotifier(self._tell_daemon,
+                                        keep=lambda step: bool(every) and step % every == 0)
         self._hooks = [
             optimizer.register_step_pre_hook(lambda *_: self._before_optimizer_step()),
             optimizer.register_load_state_dict_pre_hook(lambda *_: self._before_state_change()),
@@ -179,8 +197,9 @@ class Checkpointer:
 
         Call it after the optimizer step of every training step. Until the copy is
         done, nothing may mutate parameters or optimizer state except through
-        ``optimizer.step()``/``load_state_dict`` (they wait). Model buffers (e.g.
-        BatchNorm statistics, which the next forward updates) are copied before return.
+        ``optimizer.step()``/``load_state_dict`` (they wait). Every other tensor (model
+        buffers such as BatchNorm statistics, a tensor lr, scheduler and extras' tensors)
+        is copied before return.
         """
         t0 = time.perf_counter()
         self._check_open()
@@ -209,10 +228,19 @@ class Checkpointer:
 
     def _take(self, step: int) -> None:
         """Begin the snapshot of ``step`` (the live state), or count it as skipped."""
+        self._wait_sealed(step)
+        meta, sources = self._collect(step)
+        self._start(step, meta, sources)
+
+    def _wait_sealed(self, step: int) -> None:
+        """The previous snapshot is copied and sealed (never: told to the daemon)."""
         self._wait_copy()
         if not self._committer.wait_idle(self.config.wait_timeout_s):
             raise CkptError(f"the snapshot before step {step} was not sealed within "
                             f"{self.config.wait_timeout_s} s")
+
+    def _collect(self, step: int) -> tuple[dict, list[torch.Tensor]]:
+        """(meta, sources) of the live state; updates the cached plan."""
         state = collect_state(self.model, self.optimizer, self.scheduler, self.extras, step)
         if self.pipeline is not None:
             state[PIPELINE_STATE_KEY] = {"stage": self.pipeline.stage,
@@ -227,6 +255,9 @@ class Checkpointer:
             self._plan = plan_snapshot(geoms, self.config.chunk_bytes)
         meta = {"job": self.config.job, "rank": self.rank, "world_size": self.world_size,
                 "step": step, "state": skeleton}
+        return meta, sources
+
+    def _start(self, step: int, meta: dict, sources: list[torch.Tensor]) -> None:
         pending = self._begin(step, meta, sources)
         if pending is None:
             with self._stats_lock:
@@ -240,10 +271,17 @@ class Checkpointer:
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until the last snapshot is sealed; True when it is (or none was taken).
 
-        Re-raises an error of the committer thread.
+        Within the same ``timeout_s``, and for at most ``daemon_timeout_s``, it also waits
+        until the daemon has been told (or the attempt failed), so ``stats.daemon_errors``
+        and the logs are current; a daemon that does not answer does not make it return
+        False. Re-raises an error of the committer thread.
         """
         timeout_s = self.config.wait_timeout_s if timeout_s is None else timeout_s
-        return self._committer.wait_idle(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        sealed = self._committer.wait_idle(timeout_s)
+        self._notifier.flush(min(self.config.daemon_timeout_s,
+                                 max(0.0, deadline - time.monotonic())))
+        return sealed
 
     def close(self) -> None:
         """Seal the last snapshot, persist the newest step (daemon, else in-process). Idempotent."""
@@ -253,6 +291,8 @@ class Checkpointer:
         try:
             self._committer.wait_idle(self.config.wait_timeout_s)
             self._snapshot_skipped_last()
+            # The daemon must know the newest commit before it is asked to persist it.
+            self._notifier.flush(self.config.daemon_timeout_s)
             self._persist_newest()
         finally:
             if self._segment_request is not None:
@@ -264,11 +304,13 @@ class Checkpointer:
                 self._module_hook.remove()
             self._take_cores_back(force=True)
             self._committer.close(self.config.wait_timeout_s)
+            self._notifier.close(self.config.daemon_timeout_s)
             if self._stager is not None:
                 self._stager.close()
-            if self._segment is not None:
-                self._segment.close()
-                self._segment = None
+            with self._segment_lock:
+                if self._segment is not None:
+                    self._segment.close()
+                    self._segment = None
             self.link.close()
 
     def __enter__(self) -> "Checkpointer":
@@ -284,14 +326,17 @@ class Checkpointer:
             raise CkptError("this Checkpointer is closed; create a new one")
 
     def _stable_sources(self, geoms: list) -> list[torch.Tensor]:
-        """The tensors to copy from: the live ones where only optimizer.step() mutates them,
-        eager copies of everything else (model buffers, non-contiguous views)."""
+        """The tensors to copy from: the live ones where only optimizer.step() mutates them
+        (parameters and ``optim/state/``, which its pre-hook guards: the big ones), eager
+        copies of everything else -- model buffers, a tensor lr (schedulers ``fill_`` it),
+        extras' and scheduler tensors, non-contiguous views -- which may change at any time
+        after step() returns and are small."""
         params = parameter_storage_ptrs(self.model)
         sources = []
         for g in geoms:
             t = g.local
-            if not t.is_contiguous() or (g.name.startswith("model/")
-                                         and t.data_ptr() not in params):
+            guarded = g.name.startswith("optim/state/") or t.data_ptr() in params
+            if not guarded or not t.is_contiguous():
                 t = t.detach().clone(memory_format=torch.contiguous_format)
             sources.append(t)
         return sources
@@ -326,7 +371,9 @@ class Checkpointer:
             return
         self._segment_request = None
         self._drop_segment()
-        self._segment = seg
+        if req.from_daemon:
+            self._superseded.clear()  # a daemon (started since) may have adopted them
+        self._segment, self._segment_from_daemon = seg, req.from_daemon
         self._stager = SlotStager(seg, self.engine, page_locked=req.page_locked)
         self._switch_to = None
         if self._skips_without_segment:
@@ -339,8 +386,24 @@ class Checkpointer:
             self._stager.close()
             self._stager = None
         if self._segment is not None:
-            self._segment.close()
-            self._segment = None
+            if not self._segment_from_daemon:
+                self._superseded.append(self._segment.name)
+            with self._segment_lock:
+                self._segment.close()
+                self._segment = None
+
+    def _unlink_superseded(self) -> None:
+        """On the committer thread, once the current segment holds a sealed snapshot: the
+        generations it replaces (ours, no daemon manages them) hold only older steps."""
+        if not self._superseded or self._segment_from_daemon or self._segment is None:
+            return
+        from ckpt import _C
+
+        for name in self._superseded:
+            if name != self._segment.name:
+                _C.Segment.unlink(name)
+                log.info("ckpt: unlinked %s: %s holds newer snapshots", name, self._segment.name)
+        self._superseded = []
 
     def _begin(self, step: int, meta: dict, sources: list) -> PendingSnapshot | None:
         if self._switch_to is not None:
@@ -352,7 +415,7 @@ class Checkpointer:
         if self._segment is None:
             self._poll_segment(self._slot_bytes_needed(meta))
             if self._segment is None:
-                return self._skip_without_segment(step)
+                return self._skip_without_segment(step, meta, sources)
         try:
             pending = self._stager.begin(step, self._plan, sources, meta)
         except SlotTooSmallError:
@@ -361,7 +424,7 @@ class Checkpointer:
             self._drop_segment()
             self._poll_segment(need)
             if self._segment is None:
-                return self._skip_without_segment(step)
+                return self._skip_without_segment(step, meta, sources)
             pending = self._stager.begin(step, self._plan, sources, meta)
         if pending is None:
             log.info("ckpt: skipped the snapshot of step %d: a reader holds the slot", step)
@@ -369,8 +432,11 @@ class Checkpointer:
             self._unsnapshotted = None
         return pending
 
-    def _skip_without_segment(self, step: int) -> None:
-        self._unsnapshotted = (step, self._state_changes)
+    def _skip_without_segment(self, step: int, meta: dict, sources: list) -> None:
+        # Kept for close(): the skeleton and the eager copies are this step's, and the live
+        # parameters and optimizer state stay so until the next optimizer step or load.
+        self._unsnapshotted = _SkippedSnapshot(step, self._state_changes, self._plan, meta,
+                                               sources)
         self._skips_without_segment += 1
         if self._skips_without_segment == 1:
             log.info("ckpt: the %.2f GB shared-memory segment is being created in the background; "
@@ -379,19 +445,24 @@ class Checkpointer:
         return None
 
     def _snapshot_skipped_last(self) -> None:
-        """close(): the last step() found no segment yet; snapshot it now if the live state
-        is still that step's (no optimizer step or state load since)."""
-        if self._unsnapshotted is None:
+        """close(): the last step() found no segment yet; snapshot it now from what it kept
+        (its skeleton, RNG states and eager copies: RNG draws, buffer updates and extras'
+        changes since do not leak in) if its parameters and optimizer state are still live
+        (no optimizer step or state load since)."""
+        skipped = self._unsnapshotted
+        if skipped is None:
             return
-        step, changes = self._unsnapshotted
-        if changes != self._state_changes:
+        step = skipped.step
+        if skipped.state_changes != self._state_changes:
             log.warning("ckpt: step %d was not snapshotted (its segment was still being created) "
                         "and the optimizer has stepped since; close() cannot save it", step)
             return
         try:
             if self._segment_request is not None:
                 self._segment_request.wait(self.config.wait_timeout_s)
-            self._take(step)
+            self._wait_sealed(step)
+            self._plan = skipped.plan
+            self._start(step, skipped.meta, skipped.sources)
             self._committer.wait_idle(self.config.wait_timeout_s)
         except Exception as exc:  # close() still persists what it has
             log.warning("ckpt: could not snapshot step %d at close(): %s", step, exc)
@@ -463,7 +534,29 @@ class Checkpointer:
             self._stats = replace(s, snapshots_taken=s.snapshots_taken + 1,
                                   last_copy_s=record.copy_s, last_commit_s=record.commit_s,
                                   last_committed_step=record.step)
-        switch = self.link.commit(record.slot, record.step, record.seq)
+        self._unlink_superseded()
+        # Never waits: the daemon may be dead or hung.
+        seg = self._segment
+        self._notifier.post(replace(record, segment=seg.name if seg is not None else ""))
+
+    def _still_sealed(self, record: CommitRecord) -> bool:
+        """Whether ``record``'s slot still holds its snapshot (not overwritten since)."""
+        with self._segment_lock:
+            seg = self._segment
+            if seg is None or seg.name != record.segment:
+                return False
+            info = seg.slot_info(record.slot)
+        return info["state"] == "SEALED" and info["seq"] == record.seq
+
+    def _tell_daemon(self, record: CommitRecord) -> None:
+        """On the notifier thread: Commit (reconnecting and re-registering when due). A
+        slow daemon may get a Commit only once the trainer has overwritten its slot: not
+        sent then (a newer one follows), and the daemon's refusal of one that went stale
+        in flight is no failure of the daemon."""
+        if not self._still_sealed(record):
+            return
+        switch = self.link.commit(record.slot, record.step, record.seq,
+                                  stale=lambda: not self._still_sealed(record))
         if switch is not None and self._segment is not None and switch != self._segment.name:
             self._switch_to = switch
 

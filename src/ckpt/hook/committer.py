@@ -1,9 +1,14 @@
-"""The committer thread: finishes one staged snapshot at a time.
+"""The committer thread finishes one staged snapshot at a time; the notifier thread
+tells the daemon about it.
 
-For each snapshot handed over by the training thread it waits for the copy,
-checksums GPU-copied chunks, seals the slot, unlocks it and tells the daemon.
-It never runs a collective. An exception is recorded and re-raised by the next
-``raise_error()`` (called from ``Checkpointer.step``/``wait``/``close``).
+For each snapshot handed over by the training thread the committer waits for the
+copy, checksums GPU-copied chunks, seals the slot and unlocks it; ``on_commit``
+(called there) hands the record to a ``CommitNotifier``, whose thread sends the
+Commit RPC. So the next snapshot waits for the seal only, never for the daemon:
+a daemon that is dead, hung or being reconnected to (seconds) delays nothing but
+its own notifications. Neither thread runs a collective. A committer exception
+is recorded and re-raised by the next ``raise_error()`` (called from
+``Checkpointer.step``/``wait``/``close``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class CommitRecord:
     seq: int
     copy_s: float  # from the start of the copy until its bytes were in the slot
     commit_s: float  # from the start of the copy until sealed
+    segment: str = ""  # name of the segment the slot is in
 
 
 class Committer:
@@ -96,7 +102,97 @@ class Committer:
                     self._cond.notify_all()
 
     def close(self, timeout_s: float) -> None:
+        """Stop the thread once it has finished what it holds. Waits past ``timeout_s``
+        (with a warning) while a copy still writes into the slot: the caller unmaps the
+        segment next, and a copy always ends."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            step = self._pending.step if self._pending is not None else None
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("ckpt: the snapshot of step %s is still being finished after %g s; "
+                        "waiting for its copy to end before the segment is closed", step,
+                        timeout_s)
+            self._thread.join()
+
+
+class CommitNotifier:
+    """One background thread that sends ``send(record)`` for sealed snapshots.
+
+    ``post`` never blocks. A record not sent yet is replaced by a newer one (the daemon
+    only needs the newest sealed slot), except a record of a step for which
+    ``keep(step)`` is true (a persist step: the daemon schedules its persist at that
+    Commit); at most ``MAX_KEPT`` of those wait, oldest dropped first. Records are sent
+    in the order posted. ``send`` must not raise for daemon trouble (``DaemonLink.commit``
+    does not); anything it raises is logged.
+    """
+
+    MAX_KEPT = 2  # as many persist steps as the two slots can hold pinned
+
+    def __init__(self, send: Callable[[CommitRecord], None],
+                 keep: Callable[[int], bool] = lambda step: False) -> None:
+        self._send = send
+        self._keep = keep
+        self._cond = threading.Condition()
+        self._queue: list[CommitRecord] = []
+        self._sending = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="ckpt-commit-notifier",
+                                        daemon=True)
+        self._thread.start()
+
+    def post(self, record: CommitRecord) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            queue = [r for r in self._queue if self._keep(r.step)]
+            if len(queue) > self.MAX_KEPT - (1 if self._keep(record.step) else 0):
+                log.info("ckpt: the daemon is slow to take Commits; the one of step %d is "
+                         "not sent (a newer snapshot replaces it)", queue[0].step)
+                queue.pop(0)
+            queue.append(record)
+            self._queue = queue
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> bool:
+        """True once every posted record has been sent (waits at most ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                record = self._queue.pop(0)
+                self._sending = True
+            try:
+                self._send(record)
+            except BaseException as exc:  # the record is lost; the next one may get through
+                log.warning("ckpt: telling the daemon about step %d failed: %s", record.step, exc)
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
+
+    def close(self, timeout_s: float) -> bool:
+        """Send what is posted (waiting at most ``timeout_s``), then stop; True when all
+        was sent. A thread stuck in a call to a hung daemon is left behind (it is a
+        daemon thread, and the RPC has its own deadline)."""
+        flushed = self.flush(timeout_s)
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+        if flushed:
+            self._thread.join(timeout_s)
+        return flushed

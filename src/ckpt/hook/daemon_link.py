@@ -138,11 +138,14 @@ class DaemonLink:
         with self._lock:
             return self._register_locked(slot_bytes)
 
-    def commit(self, slot: int, step: int, seq: int) -> str | None:
+    def commit(self, slot: int, step: int, seq: int,
+               stale: Callable[[], bool] = lambda: False) -> str | None:
         """Tell the daemon about a sealed slot. Never raises for daemon trouble.
 
         Returns the segment name the daemon now wants us to write when a reconnect
-        re-registered us into another segment, else None.
+        re-registered us into another segment, else None. ``stale()``: whether the slot
+        has been overwritten since; a refusal is then expected (the daemon checks the
+        slot header) and the link stays up.
         """
         with self._lock:
             reconnected = self._client is None
@@ -158,6 +161,10 @@ class DaemonLink:
                     self._mark_down(exc)
                 return None
             except CkptError as exc:
+                if self._client is not None and stale():
+                    log.debug("ckpt: the daemon refused the Commit of step %d, whose slot was "
+                              "overwritten while it was on its way: %s", step, exc)
+                    return None
                 # The daemon answered but refused (e.g. it does not know this segment after
                 # a restart): register again next time.
                 self._mark_down(exc)

@@ -31,8 +31,10 @@ def _open(name: str) -> Any:
     return seg
 
 
-def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> Any:
-    """An open ``_C.Segment`` of (job, rank) whose slots hold ``slot_bytes``."""
+def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> tuple[Any, bool]:
+    """(an open ``_C.Segment`` of (job, rank) whose slots hold ``slot_bytes``, whether the
+    daemon granted it). One not granted was opened or created by name: no daemon manages
+    it, so the trainer unlinks it once a newer generation supersedes it."""
     try:
         grant = link.register(slot_bytes)
         seg = _open(grant.name)
@@ -40,7 +42,7 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> A
             seg.close()
             raise SegmentError(f"the daemon granted {grant.name} with {grant.slot_bytes}-byte "
                                f"slots, {slot_bytes} were asked for")
-        return seg
+        return seg, True
     except SegmentError:
         raise
     except CkptError as exc:
@@ -54,7 +56,7 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> A
         try:
             seg = _open(name)
             if seg.slot_bytes >= slot_bytes:
-                return seg
+                return seg, False
             seg.close()
         except Exception as exc:  # damaged: leave it for inspection, write a new generation
             log.warning("ckpt: cannot open %s (%s); creating a new generation", name, exc)
@@ -62,19 +64,21 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> A
     else:
         generation = 0
     slot_bytes = -(-slot_bytes // 4096) * 4096
-    return _C.Segment.create(segment_name(job, rank, generation), slot_bytes)
+    return _C.Segment.create(segment_name(job, rank, generation), slot_bytes), False
 
 
 class SegmentRequest:
     """``acquire_segment`` on a thread of its own: creating a big segment takes seconds
     (the daemon reserves and pre-faults both slots), and training must not wait for it.
     With ``page_lock`` (CUDA state) the segment is also page-locked there, which takes
-    about as long again; ``page_locked`` is then whether that worked (None: not asked)."""
+    about as long again; ``page_locked`` is then whether that worked (None: not asked).
+    ``from_daemon``: whether the daemon granted the segment (see ``acquire_segment``)."""
 
     def __init__(self, link: DaemonLink, job: str, rank: int, slot_bytes: int,
                  page_lock: bool = False) -> None:
         self.slot_bytes = slot_bytes
         self.page_locked: bool | None = None
+        self.from_daemon = False
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._segment: Any = None
@@ -90,7 +94,7 @@ class SegmentRequest:
 
         seg = None
         try:
-            seg = acquire_segment(link, job, rank, slot_bytes)
+            seg, self.from_daemon = acquire_segment(link, job, rank, slot_bytes)
             if lock:
                 self.page_locked = page_lock(seg)
         except BaseException as exc:  # handed to the training thread by result()

@@ -1,10 +1,19 @@
 """Gather the training state as live tensors, and put restored values back.
 
 The state of one snapshot is a dict with the top-level keys of INTERNALS §3:
-``model``, ``optim`` (from ``torch.distributed.checkpoint.state_dict.get_state_dict``,
-which handles plain modules, DDP and FSDP2 and returns the live tensors, not
-copies), ``scheduler``, ``extra`` (each object's ``state_dict()``), ``rng``
-(python, numpy, torch CPU, every CUDA device) and ``step``.
+``model`` (``torch.distributed.checkpoint.state_dict.get_model_state_dict``, which
+handles plain modules, DDP and FSDP2 and returns the live tensors, not copies),
+``optim`` (:func:`optimizer_state`: the layout of DCP's optimizer state dict, read
+straight from ``optimizer.state``), ``scheduler``, ``extra`` (each object's
+``state_dict()``), ``rng`` (python, numpy, torch CPU, every CUDA device) and ``step``.
+
+DCP's ``get_state_dict``/``get_optimizer_state_dict`` are not used for the optimizer:
+while ``optimizer.state`` is empty and no parameter has a gradient they run a hidden
+``optimizer.step()`` at lr 0 on zero gradients (``_init_optim_state``), which creates
+state for every parameter, fires step hooks and shifts Adam's step count. Snapshotting
+must never change training, and a restore must leave exactly the snapshot's per-parameter
+state (none for a parameter that never had a gradient), so both sides read and shape
+``optimizer.state`` themselves (:func:`fit_optimizer_state` on restore).
 """
 
 from __future__ import annotations
@@ -14,9 +23,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict
+# _get_fqns is private, but it is the one rule by which DCP names parameters (DDP's
+# ``module.``, torch.compile's ``_orig_mod.`` and activation-checkpoint prefixes
+# dropped): optimizer FQNs must equal get_model_state_dict's keys.
+from torch.distributed.checkpoint.state_dict import _get_fqns, get_model_state_dict
 
 from ckpt.errors import ConfigError, LayoutMismatchError
+from ckpt.snapshot.geometry import geometry_of, is_dtensor
+from ckpt.snapshot.tree import dtype_from_name, unflatten
 
 STATE_KEYS = ("model", "optim", "scheduler", "extra", "rng", "step")
 
@@ -82,15 +96,51 @@ def collect_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     Cheap: no tensor bytes are copied except the small RNG states.
     """
-    model_sd, optim_sd = get_state_dict(model, optimizer)
     return {
-        "model": model_sd,
-        "optim": optim_sd,
+        "model": get_model_state_dict(model),
+        "optim": optimizer_state(model, optimizer),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": {name: obj.state_dict() for name, obj in extras.items()},
         "rng": rng_state(),
         "step": int(step),
     }
+
+
+def parameter_fqns(model: torch.nn.Module) -> dict[int, str]:
+    """``id(parameter)`` -> its canonical FQN (the key get_model_state_dict gives it)."""
+    fqn_by_id: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        fqns = _get_fqns(model, name)
+        if len(fqns) != 1:
+            raise ConfigError(f"parameter {name!r} stands for {len(fqns)} parameters (an FSDP1 "
+                              f"FlatParameter); ckpt supports FSDP2: wrap with fully_shard()")
+        fqn_by_id[id(param)] = next(iter(fqns))
+    return fqn_by_id
+
+
+def _fqn_of(fqn_by_id: Mapping[int, str], param: Any) -> str:
+    fqn = fqn_by_id.get(id(param))
+    if fqn is None:
+        raise ConfigError(f"the optimizer holds a parameter of shape {tuple(param.shape)} that "
+                          f"is not in model.named_parameters(); give the Checkpointer the model "
+                          f"whose parameters the optimizer trains")
+    return fqn
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter FQN, holding the live tensors.
+
+    ``{"state": {fqn: {key: value}}, "param_groups": [{..., "params": [fqn, ...]}]}``, the
+    layout of DCP's optimizer state dict. Only reads: a parameter without state (not
+    stepped yet, or never given a gradient) has no entry, and nothing is initialised.
+    """
+    fqn_by_id = parameter_fqns(model)
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [_fqn_of(fqn_by_id, p) for p in group["params"]]}
+              for group in optimizer.param_groups]
+    # optimizer.state's order (first state first), as Optimizer.state_dict() keeps it.
+    state = {_fqn_of(fqn_by_id, p): dict(entries) for p, entries in optimizer.state.items()}
+    return {"state": state, "param_groups": groups}
 
 
 def parameter_storage_ptrs(model: torch.nn.Module) -> set[int]:
@@ -136,3 +186,98 @@ def apply_optimizer_scalars(optimizer: torch.optim.Optimizer, live_optim: Mappin
         for key, value in entries.items():
             if not isinstance(value, torch.Tensor):
                 optimizer.state[param][key] = value
+
+
+class _StoredTensor:
+    """Stands for tensor ``index`` of a snapshot while its skeleton is decoded."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def fit_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        meta: Mapping[str, Any], where: str) -> None:
+    """Give ``optimizer`` per-parameter state shaped exactly like the snapshot ``meta``'s,
+    so that a tier can copy the stored bytes into live tensors.
+
+    A parameter without state in the snapshot ends without state (an uninterrupted run
+    has none for a parameter that never had a gradient, or before the first step). A
+    stored tensor keeps the live tensor where that has its dtype and layout; else a new,
+    uninitialised one (the tier overwrites every byte) goes in through
+    ``optimizer.load_state_dict``, whose policy puts it where the optimizer keeps it
+    (Adam's ``step`` on the CPU unless capturable or fused, the rest like the parameter;
+    a DTensor with the parameter's placements). No optimizer step runs. Values that are
+    not tensors are set by :func:`apply_optimizer_scalars`.
+
+    Raises LayoutMismatchError when the snapshot has state for a parameter that no param
+    group holds; the optimizer may then be left half-shaped, and restore fails.
+    """
+    entries = meta["tensors"]
+    stored = unflatten(meta["state"]["optim"]["state"],
+                       [_StoredTensor(i) for i in range(len(entries))])
+    fqn_by_id = parameter_fqns(model)
+    param_by_fqn: dict[str, torch.Tensor] = {}
+    pid_by_fqn: dict[str, int] = {}
+    groups: list[dict[str, Any]] = []
+    position = 0  # ids as Optimizer.state_dict() numbers parameters: by position
+    for group in optimizer.param_groups:
+        ids = []
+        for param in group["params"]:
+            fqn = _fqn_of(fqn_by_id, param)
+            param_by_fqn.setdefault(fqn, param)
+            ids.append(pid_by_fqn.setdefault(fqn, position))
+            position += 1
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    live = {_fqn_of(fqn_by_id, p): live_entries for p, live_entries in optimizer.state.items()}
+    changed = set(live) != set(stored)
+    state: dict[int, Any] = {}
+    for fqn, stored_entries in stored.items():
+        param = param_by_fqn.get(fqn)
+        if param is None:
+            raise LayoutMismatchError(f"{where}: the snapshot has optimizer state for {fqn!r}, "
+                                      f"which no param group of the optimizer holds; restore "
+                                      f"into the model and optimizer that wrote it")
+        state[pid_by_fqn[fqn]], fresh = _fit(stored_entries, live.get(fqn), param, entries)
+        changed |= fresh
+    if changed:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fit(value: Any, live: Any, param: torch.Tensor,
+         entries: list[Mapping[str, Any]]) -> tuple[Any, bool]:
+    """``value`` (decoded stored state) with live tensors in place of stored ones, and
+    whether anything differs from ``live`` in structure or layout."""
+    if isinstance(value, _StoredTensor):
+        entry = entries[value.index]
+        if isinstance(live, torch.Tensor) and _has_layout(live, entry):
+            return live, False
+        return _new_state_tensor(param, entry), True
+    if isinstance(value, dict):
+        same = isinstance(live, dict) and set(live) == set(value)
+        fitted = {k: _fit(v, live.get(k) if isinstance(live, dict) else None, param, entries)
+                  for k, v in value.items()}
+        return ({k: v for k, (v, _) in fitted.items()},
+                not same or any(fresh for _, fresh in fitted.values()))
+    if isinstance(value, (list, tuple)):
+        same = isinstance(live, (list, tuple)) and len(live) == len(value)
+        items = [_fit(v, live[i] if same else None, param, entries) for i, v in enumerate(value)]
+        return type(value)(v for v, _ in items), not same or any(fresh for _, fresh in items)
+    return value, False
+
+
+def _has_layout(tensor: torch.Tensor, entry: Mapping[str, Any]) -> bool:
+    g = geometry_of(entry["name"], tensor)
+    return (g.dtype_name == entry["dtype"] and list(g.shape) == list(entry["shape"])
+            and list(g.global_shape) == list(entry["global_shape"])
+            and list(g.offsets) == list(entry["offsets"]))
+
+
+def _new_state_tensor(param: torch.Tensor, entry: Mapping[str, Any]) -> torch.Tensor:
+    dtype = dtype_from_name(entry["dtype"])
+    if list(entry["global_shape"]) == list(param.shape) and (is_dtensor(param) or param.dim()):
+        # exp_avg and friends: like the parameter (device, strides, DTensor placements).
+        return torch.empty_like(param, dtype=dtype)
+    # Scalars (Adam's step) and other shapes: load_state_dict's policy moves them.
+    return torch.empty(entry["shape"], dtype=dtype)

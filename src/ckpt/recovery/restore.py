@@ -29,7 +29,8 @@ import torch
 
 from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
                          StepNotFoundError)
-from ckpt.hook.state import apply_optimizer_scalars, set_rng_state
+from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, optimizer_state,
+                             set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
@@ -142,18 +143,24 @@ class _Loader:
     """Copies a verified source into the live state of one target."""
 
     def __init__(self, target: RestoreTarget) -> None:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         self.target = target
-        # Makes optimizer state exist (a zero-lr step when it is empty), so that its
-        # tensors can be filled in place; returns the live tensors.
-        model_sd, optim_sd = get_state_dict(target.model, target.optimizer)
-        self.live_optim = optim_sd
-        tensors, _ = flatten({"model": model_sd, "optim": optim_sd})
+        self._model_tensors, _ = flatten({"model": get_model_state_dict(target.model)})
+        self._read_live()
+
+    def _read_live(self) -> None:
+        self.live_optim = optimizer_state(self.target.model, self.target.optimizer)
+        optim_tensors, _ = flatten({"optim": self.live_optim})
+        tensors = self._model_tensors + optim_tensors
         self.live_tensors = dict(tensors)  # name -> live tensor (plain or DTensor)
         self.live = {g.name: g for g in geometries(tensors)}
 
     def check(self, meta: Mapping[str, Any], where: str) -> None:
+        """Shape the optimizer's state like the snapshot's (each source may hold another
+        step, with state for other parameters), then check that every tensor fits."""
+        fit_optimizer_state(self.target.model, self.target.optimizer, meta, where)
+        self._read_live()
         stored = {e["name"]: e for e in meta["tensors"]
                   if e["name"].startswith(("model/", "optim/"))}
         for name, g in self.live.items():

@@ -26,9 +26,6 @@ from ckpt.snapshot.layout import PayloadLayout, TensorSpec, payload_crc, plan_la
 
 log = logging.getLogger("ckpt.snapshot")
 
-# How long a failed snapshot start waits for the copies it had already started.
-COPY_DRAIN_TIMEOUT_S = 120.0
-
 
 class SlotTooSmallError(SegmentError):
     """The payload does not fit in the segment's slots (register a bigger segment)."""
@@ -102,10 +99,35 @@ class PendingSnapshot:
         for t in [*self.cpu_tickets, *self.cuda_tickets]:
             if not t.wait(max(0.0, deadline - time.monotonic())):
                 raise CkptError(f"the copy of step {self.step} did not finish within "
-                                f"{timeout_s:.0f} s (slot {self.slot}); the machine may be "
+                                f"{timeout_s:g} s (slot {self.slot}); the machine may be "
                                 f"overloaded, or raise wait_timeout_s")
         if self.copy_done_s is None:
             self.copy_done_s = time.perf_counter()
+
+    def drain(self) -> None:
+        """Wait, without a limit, until no copy writes into the slot any more.
+
+        Called before the slot is unlocked (or its segment unmapped) after ``wait_copy``
+        failed: a copy always ends, and one still running writes into memory that would
+        then belong to the next writer, or to nobody (a segfault). Errors of the copies are
+        not raised here; the caller reports the first one."""
+        for t in [*self.cpu_tickets, *self.cuda_tickets]:
+            try:
+                t.wait(None)
+            except BaseException:  # done, with an error: it writes no more
+                pass
+
+    def wait_copy_then_drain(self, timeout_s: float) -> None:
+        """``wait_copy``; when it raises, ``drain`` before re-raising (with a warning when
+        the copy is merely late)."""
+        try:
+            self.wait_copy(timeout_s)
+        except BaseException as exc:
+            if not self.copy_done():
+                log.warning("ckpt: %s; waiting for it to end before slot %d is released",
+                            exc, self.slot)
+            self.drain()
+            raise
 
     def make_stream_wait(self) -> None:
         """The current CUDA stream of each copied device waits for its D2H copies; the
@@ -212,7 +234,7 @@ class SlotStager:
                 self._start_copies(pending)
             except BaseException:
                 # Copies that did start write into the slot: they end before it is unlocked.
-                pending.wait_copy(COPY_DRAIN_TIMEOUT_S)
+                pending.drain()
                 raise
             return pending
         except BaseException:
@@ -243,9 +265,12 @@ class SlotStager:
                                                        crc_base + 4 * run.first_chunk))
 
     def finish(self, pending: PendingSnapshot, timeout_s: float) -> int:
-        """Wait for the copies (and the chunk crcs they write), seal and unlock. Returns the seq."""
+        """Wait for the copies (and the chunk crcs they write), seal and unlock. Returns the seq.
+
+        A copy late by more than ``timeout_s`` raises CkptError, but only once it has ended:
+        the slot is never unlocked while a copy writes into it."""
         try:
-            pending.wait_copy(timeout_s)
+            pending.wait_copy_then_drain(timeout_s)
             layout = pending.plan.layout
             pending.sources = []
             view = self.segment.slot_view(pending.slot)
@@ -257,7 +282,7 @@ class SlotStager:
     def abandon(self, pending: PendingSnapshot, timeout_s: float) -> None:
         """Give up a snapshot (the slot stays WRITING, i.e. invalid) after its copy stops."""
         try:
-            pending.wait_copy(timeout_s)
+            pending.wait_copy_then_drain(timeout_s)
         finally:
             pending.sources = []
             self.segment.unlock(pending.slot, self.pid)
