@@ -128,6 +128,14 @@ class _Counter:
         self.seen.copy_(sd["seen"])
 
 
+def _assert_counter_and_params_as_of_step(counter, model, params_at_step) -> None:
+    """The restored extra never saw the increment after step(), and the parameters are
+    the step's."""
+    assert torch.equal(counter.seen, torch.zeros(16))
+    for a, b in zip(params_at_step, model.parameters()):
+        assert torch.equal(a, b)
+
+
 def _lr_tensor_setup():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
@@ -161,9 +169,7 @@ def test_tensor_lr_scheduler_and_extra_tensors_are_saved_as_of_step_while_the_co
             assert cp2.restore() == 1
         assert sched2.last_epoch == 0  # sched.step() came after the snapshot
         assert float(opt2.param_groups[0]["lr"]) == lr_at_step
-        assert torch.equal(counter2.seen, torch.zeros(16))
-        for a, b in zip(params_at_step, model2.parameters()):
-            assert torch.equal(a, b)
+        _assert_counter_and_params_as_of_step(counter2, model2, params_at_step)
     finally:
         gate.open()
         cp.close()
@@ -359,9 +365,7 @@ def test_close_saves_the_step_skipped_without_segment_with_that_steps_rng_buffer
             assert cp2.restore() == 1
             assert torch.equal(torch.get_rng_state(), rng_at_step)
         assert torch.equal(model2[1].running_mean, bn_at_step)
-        assert torch.equal(counter2.seen, torch.zeros(16))
-        for a, b in zip(params_at_step, model2.parameters()):
-            assert torch.equal(a, b)
+        _assert_counter_and_params_as_of_step(counter2, model2, params_at_step)
     finally:
         segment_may_arrive.set()
         cp.close()

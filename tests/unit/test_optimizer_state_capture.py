@@ -127,13 +127,19 @@ def _unused_head(seed: int):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
 
-def test_model_with_an_unused_parameter_resumes_bit_exactly(make_cp):
+def _unused_head_trained(make_cp, steps: int):
+    """A model with an unused pooler, trained and snapshotted for ``steps`` steps."""
     model, opt = _unused_head(seed=0)
     cp = make_cp(model, opt)
-    for s in range(3):
+    for s in range(steps):
         train_step(model, opt, s)
         cp.step(s)
     cp.close()
+    return model, opt
+
+
+def test_model_with_an_unused_parameter_resumes_bit_exactly(make_cp):
+    model, opt = _unused_head_trained(make_cp, steps=3)
     assert {p for p in opt.state} == {model.body.weight, model.body.bias}
 
     model2, opt2 = _unused_head(seed=7)
@@ -170,12 +176,7 @@ def test_snapshot_before_the_first_optimizer_step_restores_to_an_optimizer_witho
 
 
 def test_restore_drops_optimizer_state_that_the_snapshot_lacks(make_cp):
-    model, opt = _unused_head(seed=0)
-    cp = make_cp(model, opt)
-    for s in range(2):
-        train_step(model, opt, s)
-        cp.step(s)
-    cp.close()
+    model, opt = _unused_head_trained(make_cp, steps=2)
 
     model2, opt2 = _unused_head(seed=7)
     # A live optimizer with state for every parameter, the pooler included.

@@ -33,7 +33,7 @@ from ckpt.config import DEFAULT_CHUNK_BYTES, CheckpointerConfig
 from ckpt.errors import CkptError, ConfigError
 from ckpt.hook.committer import CommitNotifier, CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
-from ckpt.hook.segments import SegmentRequest
+from ckpt.hook.segments import OwnGenerations, SegmentRequest
 from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
 from ckpt.recovery.checkfree.gradnorm import gradient_norm
 from ckpt.recovery.checkfree.position import PipelinePosition
@@ -136,7 +136,7 @@ class Checkpointer:
         self._segment: Any = None
         self._segment_from_daemon = False
         self._segment_lock = threading.Lock()  # closing it vs the notifier reading a slot
-        self._superseded: list[str] = []  # segments of ours a newer generation replaces
+        self._old_generations = OwnGenerations()
         self._stager: SlotStager | None = None
         self._switch_to: str | None = None
         self._plan = None
@@ -372,7 +372,7 @@ class Checkpointer:
         self._segment_request = None
         self._drop_segment()
         if req.from_daemon:
-            self._superseded.clear()  # a daemon (started since) may have adopted them
+            self._old_generations.forget()
         self._segment, self._segment_from_daemon = seg, req.from_daemon
         self._stager = SlotStager(seg, self.engine, page_locked=req.page_locked)
         self._switch_to = None
@@ -387,23 +387,10 @@ class Checkpointer:
             self._stager = None
         if self._segment is not None:
             if not self._segment_from_daemon:
-                self._superseded.append(self._segment.name)
+                self._old_generations.replaced(self._segment.name)
             with self._segment_lock:
                 self._segment.close()
                 self._segment = None
-
-    def _unlink_superseded(self) -> None:
-        """On the committer thread, once the current segment holds a sealed snapshot: the
-        generations it replaces (ours, no daemon manages them) hold only older steps."""
-        if not self._superseded or self._segment_from_daemon or self._segment is None:
-            return
-        from ckpt import _C
-
-        for name in self._superseded:
-            if name != self._segment.name:
-                _C.Segment.unlink(name)
-                log.info("ckpt: unlinked %s: %s holds newer snapshots", name, self._segment.name)
-        self._superseded = []
 
     def _begin(self, step: int, meta: dict, sources: list) -> PendingSnapshot | None:
         if self._switch_to is not None:
@@ -534,9 +521,10 @@ class Checkpointer:
             self._stats = replace(s, snapshots_taken=s.snapshots_taken + 1,
                                   last_copy_s=record.copy_s, last_commit_s=record.commit_s,
                                   last_committed_step=record.step)
-        self._unlink_superseded()
-        # Never waits: the daemon may be dead or hung.
         seg = self._segment
+        if seg is not None and not self._segment_from_daemon:
+            self._old_generations.unlink_all_but(seg.name)  # the new one holds a snapshot now
+        # Never waits: the daemon may be dead or hung.
         self._notifier.post(replace(record, segment=seg.name if seg is not None else ""))
 
     def _still_sealed(self, record: CommitRecord) -> bool:

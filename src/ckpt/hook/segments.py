@@ -67,6 +67,36 @@ def acquire_segment(link: DaemonLink, job: str, rank: int, slot_bytes: int) -> t
     return _C.Segment.create(segment_name(job, rank, generation), slot_bytes), False
 
 
+class OwnGenerations:
+    """Segment generations of ours that no daemon manages (``acquire_segment`` opened or
+    created them by name) and that a newer generation replaced: unlinked once the newer
+    one holds a sealed snapshot, since they hold only older steps. Thread-safe: the
+    training thread adds, the committer thread unlinks."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._lock = threading.Lock()
+
+    def replaced(self, name: str) -> None:
+        with self._lock:
+            self._names.append(name)
+
+    def forget(self) -> None:
+        """A daemon (started since) grants segments now: it may have adopted them."""
+        with self._lock:
+            self._names.clear()
+
+    def unlink_all_but(self, current: str) -> None:
+        from ckpt import _C
+
+        with self._lock:
+            names, self._names = self._names, []
+        for name in names:
+            if name != current:
+                _C.Segment.unlink(name)
+                log.info("ckpt: unlinked %s: %s holds newer snapshots", name, current)
+
+
 class SegmentRequest:
     """``acquire_segment`` on a thread of its own: creating a big segment takes seconds
     (the daemon reserves and pre-faults both slots), and training must not wait for it.

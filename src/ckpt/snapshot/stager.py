@@ -114,7 +114,7 @@ class PendingSnapshot:
         for t in [*self.cpu_tickets, *self.cuda_tickets]:
             try:
                 t.wait(None)
-            except BaseException:  # done, with an error: it writes no more
+            except Exception:  # done, with an error: it writes no more
                 pass
 
     def wait_copy_then_drain(self, timeout_s: float) -> None:
