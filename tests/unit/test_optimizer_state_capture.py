@@ -187,3 +187,14 @@ def test_restore_drops_optimizer_state_that_the_snapshot_lacks(make_cp):
     assert cp2.restore() == 2
     assert_same_training_state(model, opt, model2, opt2)
     assert model2.pooler.weight not in opt2.state
+
+
+def test_parameter_names_are_worked_out_once_and_again_when_a_parameter_is_replaced():
+    from ckpt.hook.state import parameter_fqns
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    first = parameter_fqns(model)
+    assert parameter_fqns(model) is first  # every snapshot asks: cached
+    model[1].weight = torch.nn.Parameter(torch.zeros(4, 4))
+    names = parameter_fqns(model)
+    assert names is not first and names[id(model[1].weight)] == "1.weight"
