@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 
-def _best_s(fn, repeats: int) -> float:
+def best_s(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -44,11 +44,11 @@ def measure(nbytes: int, repeats: int) -> dict:
     crcs = np.zeros(ncrc, dtype=np.uint32)
     jobs = [(src.ctypes.data, dst.ctypes.data, nbytes)]
     out: dict = {"impl": _C.crc32c_impl(), "fuse": _C._fuse_mode()}
-    out["crc_gbps"] = nbytes / _best_s(lambda: _C.crc32c_addr(src.ctypes.data, nbytes), repeats) / 1e9
+    out["crc_gbps"] = nbytes / best_s(lambda: _C.crc32c_addr(src.ctypes.data, nbytes), repeats) / 1e9
     for threads in (1, 2):
         with _C.CopyEngine(threads) as eng:
-            copy_s = _best_s(lambda: eng.submit(jobs, chunk_bytes, 0).wait(60), repeats)
-            fused_s = _best_s(lambda: eng.submit(jobs, chunk_bytes, crcs.ctypes.data).wait(60), repeats)
+            copy_s = best_s(lambda: eng.submit(jobs, chunk_bytes, 0).wait(60), repeats)
+            fused_s = best_s(lambda: eng.submit(jobs, chunk_bytes, crcs.ctypes.data).wait(60), repeats)
         out[f"memcpy_gbps_t{threads}"] = nbytes / copy_s / 1e9
         out[f"copy_crc_gbps_t{threads}"] = nbytes / fused_s / 1e9
     assert np.array_equal(src, dst)
@@ -73,8 +73,8 @@ def by_offset(src: np.ndarray, chunk_bytes: int, repeats: int) -> dict:
     with _C.CopyEngine(1) as eng:
         for off in OFFSETS:
             jobs = [(s0, d0 + off, nbytes)]
-            plain[off] = nbytes / _best_s(lambda: eng.submit(jobs, chunk_bytes, 0).wait(60), repeats) / 1e9
-            fused[off] = nbytes / _best_s(
+            plain[off] = nbytes / best_s(lambda: eng.submit(jobs, chunk_bytes, 0).wait(60), repeats) / 1e9
+            fused[off] = nbytes / best_s(
                 lambda: eng.submit(jobs, chunk_bytes, crcs.ctypes.data).wait(60), repeats) / 1e9
             assert int(crcs[0]) == _C.crc32c(memoryview(src)[:chunk_bytes])
     return {"copy_crc_gbps_t1_by_offset": fused, "memcpy_gbps_t1_by_offset": plain,

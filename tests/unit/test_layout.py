@@ -148,3 +148,15 @@ def test_layout_module_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_meta_json_holds_the_layouts_tensor_entries_last_and_accepts_them_given():
+    layout = L.plan_layout([spec("a", (3,)), spec("b", (2, 2), "int64")], chunk_bytes=64)
+    meta = {"job": "j", "rank": 0, "world_size": 1, "step": 3, "state": {"x": 1.5}}
+    blob = L.encode_meta(layout, meta)
+    decoded = json.loads(blob)
+    assert list(decoded) == [*meta, "format", "chunk_bytes", "tensors"]
+    assert decoded["tensors"] == layout.tensor_entries()
+    assert L.encode_meta(layout, {**meta, "tensors": layout.tensor_entries()}) == blob
+    with pytest.raises(ConfigError, match="tensors"):
+        L.encode_meta(layout, {**meta, "tensors": []})

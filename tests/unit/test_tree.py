@@ -85,3 +85,21 @@ def test_ordered_dict_round_trips_as_dict_with_order():
     od = OrderedDict([("b", 1), ("a", 2)])
     out, _ = roundtrip(od)
     assert list(out.items()) == [("b", 1), ("a", 2)]
+
+
+class Key(str):
+    """A str subclass as a dict key (an enum-like name a user's state_dict may use)."""
+
+
+def test_str_subclass_keys_and_parameters_encode_like_their_plain_forms():
+    p = torch.nn.Parameter(torch.ones(2))
+    tensors, skeleton = flatten({"model": {Key("w"): p, "b": torch.zeros(1)}})
+    assert [path for path, _ in tensors] == ["model/w", "model/b"]
+    assert tensors[0][1] is p
+    assert skeleton == {"model": {"w": {"__tensor__": 0}, "b": {"__tensor__": 1}}}
+
+
+def test_sparse_and_lazily_conjugated_tensors_are_refused_in_any_container():
+    for bad in (torch.zeros(2).to_sparse(), torch.zeros(2, dtype=torch.complex64).conj()):
+        with pytest.raises(UnsupportedStateError):
+            flatten({"state": [bad]})

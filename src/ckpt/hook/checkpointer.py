@@ -33,8 +33,9 @@ from ckpt.config import DEFAULT_CHUNK_BYTES, CheckpointerConfig
 from ckpt.errors import CkptError, ConfigError
 from ckpt.hook.committer import CommitNotifier, CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
+from ckpt.hook.gc_pause import collection_paused
 from ckpt.hook.segments import OwnGenerations, SegmentRequest
-from ckpt.hook.state import check_extras, collect_state, parameter_storage_ptrs
+from ckpt.hook.state import check_extras, collect_state, parameter_locals
 from ckpt.recovery.checkfree.gradnorm import gradient_norm
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.restore import RestoreOutcome
@@ -211,7 +212,8 @@ class Checkpointer:
             self._replicate(step)
         if step % self.config.every:
             return
-        self._take(step)
+        with collection_paused():  # the state tree dies with this call: see gc_pause
+            self._take(step)
         elapsed = time.perf_counter() - t0
         with self._stats_lock:
             self._stats = replace(self._stats, last_step_call_s=elapsed,
@@ -331,11 +333,17 @@ class Checkpointer:
         copies of everything else -- model buffers, a tensor lr (schedulers ``fill_`` it),
         extras' and scheduler tensors, non-contiguous views -- which may change at any time
         after step() returns and are small."""
-        params = parameter_storage_ptrs(self.model)
+        params = parameter_locals(self.model)
         sources = []
         for g in geoms:
             t = g.local
-            guarded = g.name.startswith("optim/state/") or t.data_ptr() in params
+            guarded = g.name.startswith("optim/state/")
+            if not guarded:
+                live = params.get(t.data_ptr())
+                guarded = live is not None
+                if guarded and live.shape == t.shape and live.stride() == t.stride() \
+                        and live.dtype == t.dtype:
+                    t = live  # long-lived, unlike state_dict()'s per-call view (gc_pause)
             if not guarded or not t.is_contiguous():
                 t = t.detach().clone(memory_format=torch.contiguous_format)
             sources.append(t)

@@ -8,7 +8,7 @@ shape, and the offsets of the shard in the global tensor, as DCP records them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -22,9 +22,11 @@ except ImportError:  # pragma: no cover - every supported torch has them
     compute_local_shape_and_global_offset = None  # type: ignore[assignment]
 
 
-@dataclass(frozen=True)
-class TensorGeometry:
-    """One tensor piece: ``local`` is the live tensor whose bytes this rank stores."""
+class TensorGeometry(NamedTuple):
+    """One tensor piece: ``local`` is the live tensor whose bytes this rank stores.
+
+    A named tuple (not a dataclass): one is made per state tensor per snapshot, and a
+    model with thousands of tensors makes that a cost of every ``step()``."""
 
     name: str
     local: torch.Tensor
@@ -74,6 +76,18 @@ def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
     return TensorGeometry(name, tensor, shape, (0,) * len(shape))
 
 
+# Offsets of a whole tensor, by number of dimensions.
+_ZEROS = tuple((0,) * n for n in range(65))
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def geometries(tensors: list[tuple[str, torch.Tensor]]) -> list[TensorGeometry]:
     """``geometry_of`` for each ``(name, tensor)`` in order."""
-    return [geometry_of(name, t) for name, t in tensors]
+    out = []
+    for name, t in tensors:
+        if type(t) in _PLAIN and t.dim() < len(_ZEROS):  # the common case, inlined
+            shape = tuple(t.shape)
+            out.append(TensorGeometry(name, t, shape, _ZEROS[len(shape)]))
+        else:
+            out.append(geometry_of(name, t))
+    return out

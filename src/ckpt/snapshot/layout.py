@@ -23,6 +23,7 @@ This module must not import torch: the daemon reads payloads without it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -165,6 +166,12 @@ class PayloadLayout:
             "first_chunk": t.first_chunk, "num_chunks": t.num_chunks,
         } for t in self.tensors]
 
+    @functools.cached_property
+    def tensors_json(self) -> str:
+        """``tensor_entries()`` as compact JSON, made once per layout (every snapshot of an
+        unchanged state writes the same list: thousands of entries for a big model)."""
+        return json.dumps(self.tensor_entries(), separators=(",", ":"), allow_nan=False)
+
     def chunk_sizes(self) -> list[int]:
         """Raw size of every chunk, in chunk order."""
         sizes: list[int] = []
@@ -211,12 +218,15 @@ def encode_meta(layout: PayloadLayout, meta: dict[str, Any]) -> bytes:
     """The meta JSON that ``write_header_and_meta`` writes (its length is ``meta_bytes``)."""
     full = dict(meta)
     full.setdefault("format", SNAPSHOT_FORMAT)
-    for key, value in (("chunk_bytes", layout.chunk_bytes), ("tensors", layout.tensor_entries())):
-        if key in full and full[key] != value:
+    for key, value in (("chunk_bytes", layout.chunk_bytes), ("tensors", None)):
+        if key in full and full[key] != (value if value is not None else layout.tensor_entries()):
             raise ConfigError(f"meta[{key!r}] does not match the layout; leave it out and "
                               f"write_header_and_meta fills it in")
         full[key] = value
-    return json.dumps(full, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    del full["tensors"]
+    # The tensor list, cached per layout, goes in last as JSON text.
+    head = json.dumps(full, separators=(",", ":"), allow_nan=False)
+    return f'{head[:-1]},"tensors":{layout.tensors_json}}}'.encode("utf-8")
 
 
 def write_header_and_meta(view: memoryview, layout: PayloadLayout, meta: dict[str, Any]) -> int:

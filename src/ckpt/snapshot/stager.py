@@ -51,8 +51,9 @@ class SnapshotPlan:
 
 
 def signature_of(geoms: list[TensorGeometry]) -> tuple:
-    return tuple((g.name, g.local.dtype, g.shape, g.global_shape, g.offsets, str(g.local.device))
-                 for g in geoms)
+    """What a cached plan depends on: equal signatures give the same layout and runs."""
+    return tuple([(name, local.dtype, local.shape, global_shape, offsets, local.device)
+                  for name, local, global_shape, offsets in geoms])
 
 
 def plan_snapshot(geoms: list[TensorGeometry], chunk_bytes: int) -> SnapshotPlan:

@@ -65,6 +65,16 @@ def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedStateError:
         f"load_state_dict().")
 
 
+# Exact types encoded as a plain tensor without the isinstance chain (subclasses and
+# DTensor take it: DTensor is a torch.Tensor too).
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _plain_keys(value: dict) -> bool:
+    """Every key a str not starting with "__" (str subclasses included)."""
+    return all(isinstance(k, str) and not k.startswith("__") for k in value)
+
+
 def _join(path: str, key: Any) -> str:
     return f"{path}/{key}" if path else str(key)
 
@@ -75,6 +85,12 @@ class _Flattener:
         self._active: set[int] = set()  # containers on the current path (cycle check)
 
     def encode(self, value: Any, path: str) -> Any:
+        kind = type(value)
+        # The common cases of a training state first, by exact type (one dict lookup).
+        if kind in _PLAIN_TENSORS:
+            return self._tensor(value, path, "__tensor__")
+        if kind is dict or kind is list:
+            return self._guarded(value, path)
         # bool before int: bool is an int subclass.
         if value is None or isinstance(value, (bool, str)):
             return value
@@ -99,19 +115,23 @@ class _Flattener:
         if isinstance(value, torch.dtype):
             return {"__dtype__": _dtype_name(value)}
         if isinstance(value, (dict, list, tuple)):
-            if id(value) in self._active:
-                raise _unsupported(path, value, "it contains itself (a reference cycle)")
-            self._active.add(id(value))
-            try:
-                return self._container(value, path)
-            finally:
-                self._active.discard(id(value))
+            return self._guarded(value, path)
         raise _unsupported(path, value)
+
+    def _guarded(self, value: dict | list | tuple, path: str) -> Any:
+        if id(value) in self._active:
+            raise _unsupported(path, value, "it contains itself (a reference cycle)")
+        self._active.add(id(value))
+        try:
+            return self._container(value, path)
+        finally:
+            self._active.discard(id(value))
 
     def _container(self, value: dict | list | tuple, path: str) -> Any:
         if isinstance(value, dict):
-            plain = all(isinstance(k, str) and not k.startswith("__") for k in value)
-            if plain:
+            if all(type(k) is str and k[:2] != "__" for k in value):
+                return self._plain_dict(value, f"{path}/" if path else "")
+            if _plain_keys(value):  # str subclasses among the keys
                 return {k: self.encode(v, _join(path, k)) for k, v in value.items()}
             items = []
             for k, v in value.items():
@@ -130,11 +150,23 @@ class _Flattener:
         raise _unsupported(path, value, "subclasses of list/tuple (e.g. namedtuple) would not "
                            "come back as the same type")
 
+    def _plain_dict(self, value: dict, prefix: str) -> dict:
+        """A dict with plain str keys; its plain tensors (a state dict's values) inline."""
+        out = {}
+        tensors, encode, strided = self.tensors, self.encode, torch.strided
+        for k, v in value.items():
+            if type(v) in _PLAIN_TENSORS and v.layout is strided and not v.is_conj():
+                tensors.append((prefix + k, v))
+                out[k] = {"__tensor__": len(tensors) - 1}
+            else:
+                out[k] = encode(v, prefix + k)
+        return out
+
     def _tensor(self, tensor: torch.Tensor, path: str, tag: str) -> dict:
-        if tensor.is_sparse or tensor.layout != torch.strided:
+        if tensor.layout is not torch.strided:
             raise _unsupported(path, tensor, f"layout {tensor.layout} is not supported; "
                                f"store .to_dense()")
-        if tensor.dtype.is_complex and tensor.is_conj():
+        if tensor.is_conj():
             raise _unsupported(path, tensor, "a lazily conjugated tensor; call .resolve_conj()")
         self.tensors.append((path, tensor))
         return {tag: len(self.tensors) - 1}
