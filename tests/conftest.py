@@ -1,5 +1,6 @@
-"""Shared pytest setup: the `slow` and `gpu` markers, and skipping GPU tests
-when no CUDA device is usable (checked without importing torch when possible)."""
+"""Shared pytest setup: the `slow` and `gpu` markers, skipping GPU tests when no CUDA
+device is usable (checked without importing torch when possible), and the snapshot
+template's self-check."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 import sys
 
 import pytest
+
+# Every snapshot taken from a reused template is also collected the full way and compared
+# (ckpt.hook.collect), here and in every worker process the tests start.
+os.environ.setdefault("CKPT_CHECK_SNAPSHOT_TEMPLATE", "1")
 
 _SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 try:

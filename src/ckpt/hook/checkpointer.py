@@ -35,16 +35,14 @@ from ckpt.hook.committer import CommitNotifier, CommitRecord, Committer
 from ckpt.hook.daemon_link import DaemonLink
 from ckpt.hook.gc_pause import collection_paused
 from ckpt.hook.segments import OwnGenerations, SegmentRequest
-from ckpt.hook.state import check_extras, collect_state, parameter_locals
+from ckpt.hook.collect import SnapshotCollector
+from ckpt.hook.state import check_extras
 from ckpt.recovery.checkfree.gradnorm import gradient_norm
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.restore import RestoreOutcome
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY
-from ckpt.snapshot.geometry import geometries
-from ckpt.snapshot.layout import slot_bytes_for
-from ckpt.snapshot.stager import PendingSnapshot, SlotStager, SlotTooSmallError, plan_snapshot, \
-    signature_of
-from ckpt.snapshot.tree import flatten
+from ckpt.snapshot.layout import StateJson, slot_bytes_for
+from ckpt.snapshot.stager import PendingSnapshot, SlotStager, SlotTooSmallError
 
 log = logging.getLogger("ckpt.hook")
 
@@ -141,6 +139,8 @@ class Checkpointer:
         self._stager: SlotStager | None = None
         self._switch_to: str | None = None
         self._plan = None
+        self._collector = SnapshotCollector(model, optimizer, scheduler, self.extras,
+                                            self.config.chunk_bytes)
         self._pending: PendingSnapshot | None = None  # copy not yet waited for by the pre-hook
         self._segment_request: SegmentRequest | None = None  # a segment being made off-thread
         self._skips_without_segment = 0
@@ -243,21 +243,16 @@ class Checkpointer:
 
     def _collect(self, step: int) -> tuple[dict, list[torch.Tensor]]:
         """(meta, sources) of the live state; updates the cached plan."""
-        state = collect_state(self.model, self.optimizer, self.scheduler, self.extras, step)
+        top = None
         if self.pipeline is not None:
-            state[PIPELINE_STATE_KEY] = {"stage": self.pipeline.stage,
-                                         "num_stages": self.pipeline.num_stages,
-                                         "grad_norm": self._grad_norm,
-                                         "replicas": self._replicas}
-        tensors, skeleton = flatten(state)
-        geoms = geometries(tensors)
-        sources = self._stable_sources(geoms)
-        signature = signature_of(geoms)
-        if self._plan is None or self._plan.signature != signature:
-            self._plan = plan_snapshot(geoms, self.config.chunk_bytes)
-        meta = {"job": self.config.job, "rank": self.rank, "world_size": self.world_size,
-                "step": step, "state": skeleton}
-        return meta, sources
+            top = {PIPELINE_STATE_KEY: {"stage": self.pipeline.stage,
+                                        "num_stages": self.pipeline.num_stages,
+                                        "grad_norm": self._grad_norm,
+                                        "replicas": self._replicas}}
+        got = self._collector.collect(step, {"job": self.config.job, "rank": self.rank,
+                                             "world_size": self.world_size}, top)
+        self._plan = got.plan
+        return got.meta, got.sources
 
     def _start(self, step: int, meta: dict, sources: list[torch.Tensor]) -> None:
         pending = self._begin(step, meta, sources)
@@ -327,32 +322,13 @@ class Checkpointer:
         if self._closed:
             raise CkptError("this Checkpointer is closed; create a new one")
 
-    def _stable_sources(self, geoms: list) -> list[torch.Tensor]:
-        """The tensors to copy from: the live ones where only optimizer.step() mutates them
-        (parameters and ``optim/state/``, which its pre-hook guards: the big ones), eager
-        copies of everything else -- model buffers, a tensor lr (schedulers ``fill_`` it),
-        extras' and scheduler tensors, non-contiguous views -- which may change at any time
-        after step() returns and are small."""
-        params = parameter_locals(self.model)
-        sources = []
-        for g in geoms:
-            t = g.local
-            guarded = g.name.startswith("optim/state/")
-            if not guarded:
-                live = params.get(t.data_ptr())
-                guarded = live is not None
-                if guarded and live.shape == t.shape and live.stride() == t.stride() \
-                        and live.dtype == t.dtype:
-                    t = live  # long-lived, unlike state_dict()'s per-call view (gc_pause)
-            if not guarded or not t.is_contiguous():
-                t = t.detach().clone(memory_format=torch.contiguous_format)
-            sources.append(t)
-        return sources
-
     def _slot_bytes_needed(self, meta: dict) -> int:
         import json
 
-        meta_estimate = len(json.dumps(meta["state"], separators=(",", ":"))) + \
+        state = meta["state"]
+        state_bytes = len(state) if isinstance(state, StateJson) else \
+            len(json.dumps(state, separators=(",", ":")))
+        meta_estimate = state_bytes + \
             256 * len(self._plan.layout.tensors) + 1024
         data = int(self._plan.layout.data_bytes * self.config.slot_headroom)
         return slot_bytes_for(self._plan.layout, meta_estimate) + (data - self._plan.layout.data_bytes)

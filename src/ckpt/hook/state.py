@@ -105,6 +105,13 @@ def collect_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return {
         "model": model_state_dict(model),
         "optim": optimizer_state(model, optimizer),
+        **small_state(scheduler, extras, step),
+    }
+
+
+def small_state(scheduler: Any, extras: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """The state's keys after ``model`` and ``optim``, in the snapshot's order."""
+    return {
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": {name: obj.state_dict() for name, obj in extras.items()},
         "rng": rng_state(),
@@ -139,7 +146,7 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     cached = _RENAME_CACHE.get(model)
     if cached is not None and cached.order is None:
         return get_model_state_dict(model)
-    plain = _state_dict_fn(model, "state_dict")()
+    plain = plain_state_dict(model)
     keys = tuple(plain)
     if cached is not None and cached.keys == keys:
         return {fqn: plain[key] for key, fqn in cached.order}
@@ -147,6 +154,17 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, Any]:
     order = _renames(model, plain, reference)
     _RENAME_CACHE[model] = _Renames(keys, order)
     return reference
+
+
+def plain_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.state_dict()`` (the class's, if DCP's _patch_model_state_dict replaced it)."""
+    return _state_dict_fn(model, "state_dict")()
+
+
+def cached_renames(model: torch.nn.Module) -> _Renames | None:
+    """How the last ``model_state_dict(model)`` renamed, when it did (not DCP's own path)."""
+    renames = _RENAME_CACHE.get(model)
+    return renames if renames is not None and renames.order is not None else None
 
 
 def _renames(model: torch.nn.Module, plain: Mapping[str, Any],
@@ -224,12 +242,18 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     stepped yet, or never given a gradient) has no entry, and nothing is initialised.
     """
     fqn_by_id = parameter_fqns(model)
-    groups = [{**{k: v for k, v in group.items() if k != "params"},
-               "params": [_fqn_of(fqn_by_id, p) for p in group["params"]]}
-              for group in optimizer.param_groups]
+    groups = param_groups_state(optimizer, [[_fqn_of(fqn_by_id, p) for p in group["params"]]
+                                            for group in optimizer.param_groups])
     # optimizer.state's order (first state first), as Optimizer.state_dict() keeps it.
     state = {_fqn_of(fqn_by_id, p): dict(entries) for p, entries in optimizer.state.items()}
     return {"state": state, "param_groups": groups}
+
+
+def param_groups_state(optimizer: torch.optim.Optimizer,
+                       fqns: list[list[str]]) -> list[dict[str, Any]]:
+    """Each param group's hyperparameters, its ``params`` given as ``fqns[i]``."""
+    return [{**{k: v for k, v in group.items() if k != "params"}, "params": names}
+            for group, names in zip(optimizer.param_groups, fqns, strict=True)]
 
 
 def parameter_locals(model: torch.nn.Module) -> dict[int, torch.Tensor]:

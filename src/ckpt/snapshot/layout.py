@@ -214,9 +214,21 @@ def slot_bytes_for(layout: PayloadLayout, meta_reserve_bytes: int) -> int:
     return align_up(layout.payload_bytes(meta_reserve_bytes + slack), SLOT_ALIGN_BYTES)
 
 
+class StateJson(str):
+    """A meta's ``"state"`` already encoded as compact JSON: spliced in as it is."""
+
+
+_STATE_TOKEN = "\x00ckpt:state\x00"
+
+
 def encode_meta(layout: PayloadLayout, meta: dict[str, Any]) -> bytes:
-    """The meta JSON that ``write_header_and_meta`` writes (its length is ``meta_bytes``)."""
+    """The meta JSON that ``write_header_and_meta`` writes (its length is ``meta_bytes``).
+
+    ``meta["state"]`` is the tree skeleton, or a :class:`StateJson` of it."""
     full = dict(meta)
+    state = full.get("state")
+    if isinstance(state, StateJson):
+        full["state"] = _STATE_TOKEN
     full.setdefault("format", SNAPSHOT_FORMAT)
     for key, value in (("chunk_bytes", layout.chunk_bytes), ("tensors", None)):
         if key in full and full[key] != (value if value is not None else layout.tensor_entries()):
@@ -226,6 +238,11 @@ def encode_meta(layout: PayloadLayout, meta: dict[str, Any]) -> bytes:
     del full["tensors"]
     # The tensor list, cached per layout, goes in last as JSON text.
     head = json.dumps(full, separators=(",", ":"), allow_nan=False)
+    if isinstance(state, StateJson):
+        token = json.dumps(_STATE_TOKEN)
+        if head.count(token) != 1:
+            raise ConfigError(f"meta holds the text {_STATE_TOKEN!r} outside its state")
+        head = head.replace(token, state)
     return f'{head[:-1]},"tensors":{layout.tensors_json}}}'.encode("utf-8")
 
 

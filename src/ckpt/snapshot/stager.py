@@ -11,6 +11,7 @@ chunks, writes nothing but the seal, and unlocks. Neither runs a collective.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -48,6 +49,17 @@ class SnapshotPlan:
     signature: tuple
     layout: PayloadLayout
     runs: tuple[CopyRun, ...]
+
+    @functools.cached_property
+    def run_jobs(self) -> tuple[tuple[list[int], list[int], list[int]], ...]:
+        """Per run: the indices of its non-empty tensors, their data offsets and sizes."""
+        tables = []
+        for run in self.runs:
+            placed = [(i, self.layout.tensors[i]) for i in range(run.first, run.end)
+                      if self.layout.tensors[i].spec.nbytes]
+            tables.append(([i for i, _ in placed], [p.data_offset for _, p in placed],
+                           [p.spec.nbytes for _, p in placed]))
+        return tuple(tables)
 
 
 def signature_of(geoms: list[TensorGeometry]) -> tuple:
@@ -247,12 +259,12 @@ class SlotStager:
         base = self.segment.slot_address(pending.slot)
         data_base = base + layout.data_offset(pending.meta_bytes)
         crc_base = base + layout.crc_offset(pending.meta_bytes)
-        for run in pending.plan.runs:
-            jobs = [(pending.sources[i].data_ptr(), data_base + layout.tensors[i].data_offset,
-                     layout.tensors[i].spec.nbytes)
-                    for i in range(run.first, run.end) if layout.tensors[i].spec.nbytes]
-            if not jobs:
+        sources = pending.sources
+        for run, (indices, offsets, sizes) in zip(pending.plan.runs, pending.plan.run_jobs):
+            if not indices:
                 continue
+            jobs = list(zip([sources[i].data_ptr() for i in indices],
+                            [data_base + offset for offset in offsets], sizes))
             if run.device == "cpu":
                 pending.cpu_tickets.append(self.engine.submit(
                     jobs, layout.chunk_bytes, crc_base + 4 * run.first_chunk))

@@ -68,6 +68,7 @@ def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedStateError:
 # Exact types encoded as a plain tensor without the isinstance chain (subclasses and
 # DTensor take it: DTensor is a torch.Tensor too).
 _PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+_ITSELF = frozenset({str, bool, type(None)})
 
 
 def _plain_keys(value: dict) -> bool:
@@ -80,7 +81,8 @@ def _join(path: str, key: Any) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, first_index: int = 0) -> None:
+        self.first_index = first_index
         self.tensors: list[tuple[str, torch.Tensor]] = []
         self._active: set[int] = set()  # containers on the current path (cycle check)
 
@@ -140,7 +142,9 @@ class _Flattener:
                                        "bool, None, bytes or tuples of those")
                 items.append([self.encode(k, _join(path, "<key>")), self.encode(v, _join(path, k))])
             return {"__dict__": items}
-        encoded = [self.encode(v, _join(path, i)) for i, v in enumerate(value)]
+        # str, bool and None encode as themselves (a param group's FQN list: thousands).
+        encoded = [v if type(v) in _ITSELF else self.encode(v, _join(path, i))
+                   for i, v in enumerate(value)]
         # Subclasses (namedtuple, custom lists) would come back as their base: refuse them
         # rather than return something of another type.
         if type(value) is tuple:
@@ -157,7 +161,7 @@ class _Flattener:
         for k, v in value.items():
             if type(v) in _PLAIN_TENSORS and v.layout is strided and not v.is_conj():
                 tensors.append((prefix + k, v))
-                out[k] = {"__tensor__": len(tensors) - 1}
+                out[k] = {"__tensor__": self.first_index + len(tensors) - 1}
             else:
                 out[k] = encode(v, prefix + k)
         return out
@@ -169,7 +173,7 @@ class _Flattener:
         if tensor.is_conj():
             raise _unsupported(path, tensor, "a lazily conjugated tensor; call .resolve_conj()")
         self.tensors.append((path, tensor))
-        return {tag: len(self.tensors) - 1}
+        return {tag: self.first_index + len(self.tensors) - 1}
 
     def _ndarray(self, array: np.ndarray, path: str) -> dict:
         try:
@@ -186,14 +190,15 @@ class _Flattener:
                                  base64.b64encode(scalar.tobytes()).decode("ascii")]}
 
 
-def flatten(obj: Any) -> tuple[list[tuple[str, torch.Tensor]], Any]:
+def flatten(obj: Any, first_index: int = 0) -> tuple[list[tuple[str, torch.Tensor]], Any]:
     """Split ``obj`` into ``(tensors, skeleton)``; see the module docstring.
 
     Tensors are returned as they are (no copy): the caller decides when to copy
-    their bytes. Raises UnsupportedStateError naming the path and type of the first
-    value it cannot store.
+    their bytes. ``first_index``: the index the first tensor gets in the skeleton (when
+    ``obj`` continues a state whose first tensors were flattened before). Raises
+    UnsupportedStateError naming the path and type of the first value it cannot store.
     """
-    flattener = _Flattener()
+    flattener = _Flattener(first_index)
     skeleton = flattener.encode(obj, "")
     return flattener.tensors, skeleton
 

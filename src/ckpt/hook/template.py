@@ -1,0 +1,160 @@
+"""Reuse the bulk of the previous snapshot's bookkeeping while the same tensors hold it.
+
+The state of a snapshot starts with ``model`` (one tensor per parameter and buffer) and
+``optim/state`` (a few per parameter): nearly every tensor, and nearly all of the
+per-step work -- flattening, geometries, sources, the plan's signature, the skeleton's
+JSON. Between two optimizer steps none of that changes: the same parameters, the same
+optimizer-state tensors, updated in place. A :class:`BulkTemplate` keeps that part of a
+snapshot, and :meth:`BulkTemplate.holds` checks, per tensor and in one C call each, that
+the live state still is exactly it:
+
+- ``model.state_dict()`` has the same keys, and each value is a plain tensor that
+  ``is_set_to`` the one recorded (same storage, offset, sizes and strides) with the same
+  dtype: a parameter replaced, re-assigned through ``.data`` or resized, a buffer
+  re-registered, a module added -- any of these fails it;
+- ``optimizer.state`` holds the same parameters in the same order, each with the same
+  keys, the same tensor objects (still set to the same memory, same dtype) and equal
+  scalars; the param groups hold the same parameter objects.
+
+Only then is the bulk reused; the rest of the state (param-group hyperparameters,
+scheduler, extras, RNG, step) is small and is flattened anew every snapshot. Anything
+else -- DTensor values (FSDP2), non-tensor model state, a model that DCP itself must
+name -- gets no template, and every snapshot takes the full path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_
+from typing import Any
+
+import torch
+
+from ckpt.hook.state import cached_renames, plain_state_dict
+from ckpt.snapshot.geometry import TensorGeometry
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _same_memory_and_dtype(tensors, aliases, dtypes) -> bool:
+    """Each tensor set to its alias's memory (storage, offset, sizes, strides), its dtype."""
+    return all(map(torch.Tensor.is_set_to, tensors, aliases)) and \
+        all(map(is_, map(_DTYPE, tensors), dtypes))
+
+
+_DTYPE = attrgetter("dtype")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True)
+class BulkTemplate:
+    """``model`` and ``optim/state`` of one snapshot: tensors ``[0, count)``."""
+
+    count: int
+    model_keys: tuple[str, ...]  # model.state_dict()'s keys, in its order
+    model_order: tuple[str, ...]  # the same keys in the snapshot's (DCP's) order
+    model_aliases: tuple[torch.Tensor, ...]  # in the snapshot's order
+    model_dtypes: tuple[torch.dtype, ...]
+    optim_params: tuple[torch.Tensor, ...]  # optimizer.state's keys, in its order
+    optim_keys: tuple[tuple[str, ...], ...]  # each parameter's state keys
+    optim_values: tuple[Any, ...]  # every value, flattened in that order
+    optim_tensors: tuple[torch.Tensor, ...]  # the tensor values among them
+    optim_aliases: tuple[torch.Tensor, ...]  # their metadata, frozen at build time
+    optim_dtypes: tuple[torch.dtype, ...]
+    group_params: tuple[tuple[torch.Tensor, ...], ...]
+    group_fqns: tuple[list[str], ...]
+    geoms: tuple[TensorGeometry, ...]
+    signature: tuple
+    fixed_sources: tuple[torch.Tensor | None, ...]  # None: copied afresh per snapshot
+    model_json: str
+    optim_state_json: str
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              state: dict[str, Any], skeleton: dict[str, Any], geoms: list[TensorGeometry],
+              signature: tuple, sources: list[torch.Tensor], copied: list[bool]
+              ) -> "BulkTemplate | None":
+        """The template of a snapshot the full path just collected, or None when its
+        state is not one a template can stand for (see the module docstring)."""
+        renames = cached_renames(model)
+        model_sd, optim_sd = state["model"], state["optim"]
+        if renames is None or list(model_sd) != [fqn for _, fqn in renames.order]:
+            return None
+        if any(type(t) is not torch.Tensor for t in model_sd.values()):
+            return None
+        values = [v for live in optimizer.state.values() for v in live.values()]
+        if any(type(v) is not torch.Tensor and type(v) not in _SCALARS for v in values):
+            return None
+        tensors = tuple(v for v in values if type(v) is torch.Tensor)
+        expected = [*model_sd.values(), *tensors]
+        count = len(expected)
+        if len(geoms) < count or any(g.local is not t for g, t in zip(geoms, expected)):
+            return None  # not the prefix the full path flattened: no template
+        groups = optimizer.param_groups
+        return cls(
+            count=count, model_keys=renames.keys,
+            model_order=tuple(key for key, _ in renames.order),
+            model_aliases=tuple(model_sd.values()),
+            model_dtypes=tuple(t.dtype for t in model_sd.values()),
+            optim_params=tuple(optimizer.state), optim_values=tuple(values),
+            optim_keys=tuple(tuple(live) for live in optimizer.state.values()),
+            optim_tensors=tensors, optim_aliases=tuple(t.detach() for t in tensors),
+            optim_dtypes=tuple(t.dtype for t in tensors),
+            group_params=tuple(tuple(g["params"]) for g in groups),
+            group_fqns=tuple(list(g["params"]) for g in optim_sd["param_groups"]),
+            geoms=tuple(geoms[:count]), signature=signature[:count],
+            fixed_sources=tuple(None if c else s for s, c in zip(sources[:count], copied)),
+            model_json=_dumps(skeleton["model"]),
+            optim_state_json=_dumps(skeleton["optim"]["state"]))
+
+    def holds(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the live model and optimizer still are exactly this template's state."""
+        groups = optimizer.param_groups
+        if len(groups) != len(self.group_params):
+            return False
+        for group, params in zip(groups, self.group_params):
+            live = group["params"]
+            if len(live) != len(params) or not all(map(is_, live, params)):
+                return False
+        state = optimizer.state
+        if len(state) != len(self.optim_params) or not all(map(is_, state, self.optim_params)):
+            return False
+        if tuple(map(tuple, state.values())) != self.optim_keys:
+            return False
+        values = [v for live in state.values() for v in live.values()]
+        if not all(map(is_, values, self.optim_values)):
+            # Scalars may be equal without being the same object; tensors may not.
+            if any(type(a) is not type(b) or (a is not b if type(a) is torch.Tensor else a != b)
+                   for a, b in zip(values, self.optim_values)):
+                return False
+        if not _same_memory_and_dtype(self.optim_tensors, self.optim_aliases,
+                                      self.optim_dtypes):
+            return False
+        plain = plain_state_dict(model)
+        if tuple(plain) != self.model_keys:
+            return False
+        tensors = [plain[key] for key in self.model_order]
+        return all(map(is_, map(type, tensors), repeat(torch.Tensor))) and \
+            _same_memory_and_dtype(tensors, self.model_aliases, self.model_dtypes)
+
+    def sources(self) -> list[torch.Tensor]:
+        """The bulk's tensors to copy from: the live ones, fresh copies where the full path
+        copies (buffers, non-contiguous tensors)."""
+        return [s if s is not None
+                else g.local.detach().clone(memory_format=torch.contiguous_format)
+                for s, g in zip(self.fixed_sources, self.geoms)]
+
+    def state_json(self, rest_skeleton: dict[str, Any]) -> str:
+        """The snapshot's whole skeleton as JSON, ``rest_skeleton`` being the flattened
+        ``{"optim": {"param_groups": ...}, "scheduler": ..., ...}`` after the bulk."""
+        parts = [f'{{"model":{self.model_json},"optim":{{"state":{self.optim_state_json},'
+                 f'"param_groups":{_dumps(rest_skeleton["optim"]["param_groups"])}}}']
+        parts.extend(f",{_dumps(k)}:{_dumps(v)}" for k, v in rest_skeleton.items()
+                     if k != "optim")
+        parts.append("}")
+        return "".join(parts)

@@ -1,0 +1,185 @@
+"""A snapshot reuses the previous one's bookkeeping only while the same tensors hold it.
+
+Every test here runs with the collector's self-check on: each snapshot collected from a
+template is collected the full way too, and any difference in meta bytes or source
+tensors raises. On top of that, each change to the state that a template cannot stand
+for must make the next snapshot take the full path, and the one after it use a new
+template.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ckpt.errors import ConfigError
+from ckpt.hook.collect import SnapshotCollector
+from test_checkpointer import make_cp  # noqa: F401 - the Checkpointer factory fixture
+
+HEADER = {"job": "j", "rank": 0, "world_size": 1}
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+        self.head = torch.nn.Linear(4, 2)
+        self.unused = torch.nn.Linear(4, 4)  # never gets a gradient: no optimizer state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.body(x)))
+
+
+def trained(optimizer_cls=torch.optim.AdamW, **kw):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = optimizer_cls(model.parameters(), lr=torch.tensor(0.01), **kw) \
+        if optimizer_cls is torch.optim.AdamW else optimizer_cls(model.parameters(), lr=0.01, **kw)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)
+    train(model, optimizer, scheduler)
+    return model, optimizer, scheduler
+
+
+def train(model, optimizer, scheduler=None) -> None:
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def collector(model, optimizer, scheduler=None, extras=None) -> SnapshotCollector:
+    c = SnapshotCollector(model, optimizer, scheduler, extras or {}, chunk_bytes=1 << 20)
+    c.check = True
+    return c
+
+
+def collect_twice(c: SnapshotCollector, step: int) -> tuple[bool, bool]:
+    """Whether snapshots ``step`` and ``step + 1`` came from a template."""
+    return c.collect(step, HEADER).from_template, c.collect(step + 1, HEADER).from_template
+
+
+def test_an_unchanged_state_is_collected_from_the_template_after_the_first_snapshot():
+    model, optimizer, scheduler = trained()
+    c = collector(model, optimizer, scheduler, {"ema": torch.nn.Linear(2, 2)})
+    assert not c.collect(0, HEADER).from_template
+    for step in range(1, 5):
+        train(model, optimizer, scheduler)  # values change, tensors stay: the template holds
+        assert c.collect(step, HEADER).from_template
+    assert c.template_snapshots == 4
+
+
+def swap_parameter(model, optimizer):
+    """Parameter surgery: a new Parameter in the model and the optimizer, state moved."""
+    old, new = model.body.weight, torch.nn.Parameter(torch.zeros(4, 4))
+    model.body.weight = new
+    group = optimizer.param_groups[0]
+    group["params"] = [new if p is old else p for p in group["params"]]
+    optimizer.state[new] = optimizer.state.pop(old)
+
+
+def reassign_data(model, optimizer):
+    model.body.weight.data = torch.ones(4, 4)
+
+
+def reinterpret_dtype(model, optimizer):
+    moment = optimizer.state[model.body.weight]["exp_avg"]
+    moment.data = moment.data.view(torch.int32)  # same object, same memory, another dtype
+
+
+def replace_moment(model, optimizer):
+    optimizer.state[model.body.weight]["exp_avg"] = torch.zeros(4, 4)
+
+
+def resize_moment(model, optimizer):
+    optimizer.state[model.body.weight]["exp_avg"].resize_(2, 2)
+
+
+def register_buffer(model, optimizer):
+    model.body.register_buffer("calls", torch.zeros(1))
+
+
+def add_module(model, optimizer):
+    model.extra = torch.nn.Linear(1, 1)
+
+
+def replace_buffer(model, optimizer):
+    model.norm.running_mean = torch.zeros(4)
+
+
+def unused_gets_state(model, optimizer):
+    model.unused(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+
+
+def add_param_group(model, optimizer):
+    model.extra = torch.nn.Linear(1, 1)
+    optimizer.add_param_group({"params": list(model.extra.parameters()), "lr": 0.1})
+
+
+def reorder_group_params(model, optimizer):
+    params = optimizer.param_groups[0]["params"]
+    params[0], params[1] = params[1], params[0]
+
+
+def load_optimizer_state(model, optimizer):
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new tensors
+
+
+CHANGES = [swap_parameter, reassign_data, reinterpret_dtype, replace_moment, resize_moment,
+           register_buffer, add_module, replace_buffer, unused_gets_state, add_param_group,
+           reorder_group_params, load_optimizer_state]
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
+def test_a_change_the_template_cannot_stand_for_takes_the_full_path_once(change):
+    model, optimizer, scheduler = trained()
+    c = collector(model, optimizer, scheduler)
+    assert collect_twice(c, 0) == (False, True)
+    change(model, optimizer)
+    assert collect_twice(c, 2) == (False, True)
+
+
+def test_a_parameter_the_optimizer_does_not_know_is_still_refused():
+    model, optimizer, scheduler = trained()
+    c = collector(model, optimizer, scheduler)
+    assert collect_twice(c, 0) == (False, True)
+    model.body.weight = torch.nn.Parameter(torch.zeros(4, 4))  # the optimizer keeps the old one
+    with pytest.raises(ConfigError, match="not in model.named_parameters"):
+        c.collect(2, HEADER)
+
+
+def test_a_scalar_in_the_optimizer_state_is_compared_by_value():
+    model, optimizer, _ = trained(torch.optim.SGD, momentum=0.9)
+    for state in optimizer.state.values():
+        state["note"] = "a"
+    c = collector(model, optimizer)
+    assert collect_twice(c, 0) == (False, True)
+    next(iter(optimizer.state.values()))["note"] = "b"
+    assert collect_twice(c, 2) == (False, True)
+
+
+def test_state_that_changes_every_step_stops_paying_for_templates():
+    model, optimizer, _ = trained()
+    c = collector(model, optimizer)
+    built = []
+    for step in range(40):
+        for state in optimizer.state.values():
+            state["calls"] = step  # an int kept by a third-party optimizer
+        c.collect(step, HEADER)
+        built.append(c._template is not None)
+    assert c.template_snapshots == 0
+    assert sum(built) < 8, built  # two tries, then one every 16 full snapshots
+
+
+def test_a_checkpointer_takes_its_snapshots_from_the_template(make_cp):
+    model, optimizer, scheduler = trained()
+    cp = make_cp(model, optimizer, scheduler=scheduler)
+    for step in range(5):
+        train(model, optimizer, scheduler)
+        cp.step(step)
+    assert cp.wait()
+    assert cp._collector.template_snapshots >= 3
