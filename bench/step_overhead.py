@@ -20,7 +20,10 @@ Per model size, in one run on the same model and optimizer state:
 
 Prints a table and one JSON line per size.
 
-    python bench/step_overhead.py [--layers 50,500,2000] [--steps 10] [--dcp-steps 3]
+With ``--fsdp`` every layer is sharded with FSDP2's ``fully_shard`` on a one-rank gloo
+group, so the state is DTensors (what an FSDP2 rank snapshots).
+
+    python bench/step_overhead.py [--layers 50,500,2000] [--steps 10] [--dcp-steps 3] [--fsdp]
 """
 
 from __future__ import annotations
@@ -52,9 +55,15 @@ WIDTH = 32
 JOB = f"bench-{os.getpid()}"
 
 
-def build(layers: int):
+def build(layers: int, fsdp: bool):
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(layers)])
+    if fsdp:  # every parameter and moment becomes a DTensor shard (one rank holds all)
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(4, WIDTH)
     train_step(model, optimizer, x)
@@ -120,7 +129,8 @@ def run_dcp_async(model, optimizer, x, steps: int, workdir: Path) -> dict:
             pending.result()
             shutil.rmtree(workdir / f"dcp-{s - 1}", ignore_errors=True)
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
-        result = dcp.async_save(state, checkpoint_id=str(workdir / f"dcp-{s}"), no_dist=True)
+        result = dcp.async_save(state, checkpoint_id=str(workdir / f"dcp-{s}"),
+                                no_dist=not torch.distributed.is_initialized())
         pending = getattr(result, "upload_completion", result)
         staging = getattr(result, "staging_completion", None)
         if staging is not None:
@@ -131,8 +141,8 @@ def run_dcp_async(model, optimizer, x, steps: int, workdir: Path) -> dict:
     return {"stall_s_median": statistics.median(stalls), "stall_s": stalls}
 
 
-def measure(layers: int, steps: int, dcp_steps: int, workdir: Path) -> dict:
-    model, optimizer, x = build(layers)
+def measure(layers: int, steps: int, dcp_steps: int, workdir: Path, fsdp: bool) -> dict:
+    model, optimizer, x = build(layers, fsdp)
     tensors = 2 * layers * 4
     step_s = best_s(lambda: train_step(model, optimizer, x), 3)
     floor_s = best_s(lambda: (model.state_dict(), optimizer.state_dict()), 5)
@@ -140,7 +150,7 @@ def measure(layers: int, steps: int, dcp_steps: int, workdir: Path) -> dict:
     ckpt_run = run_ckpt(model, optimizer, x, steps, workdir)
     dcp_run = run_dcp_async(model, optimizer, x, dcp_steps, workdir)
     ck = ckpt_run["step_call_s_median"]
-    return {"bench": "step_overhead", "layers": layers, "parameters": 2 * layers,
+    return {"bench": "step_overhead", "fsdp": fsdp, "layers": layers, "parameters": 2 * layers,
             "snapshot_tensors": tensors, "train_step_s": step_s, "state_dicts_s": floor_s,
             "dcp_get_state_dict_s": dcp_sd_s, "ckpt": ckpt_run, "dcp_async": dcp_run,
             "ckpt_vs_state_dicts": ck / floor_s, "ckpt_vs_dcp_get_state_dict": ck / dcp_sd_s,
@@ -155,6 +165,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed cp.step() calls per size")
     p.add_argument("--dcp-steps", type=int, default=3, help="timed async_save calls per size")
     p.add_argument("--workdir", help="where the daemon socket and DCP's files go")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard every layer with FSDP2's fully_shard on a 1-rank gloo group")
     return p.parse_args()
 
 
@@ -162,10 +174,16 @@ def main() -> int:
     args = parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    records = [measure(int(n), args.steps, args.dcp_steps, workdir)
+    if args.fsdp:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=0,
+                                world_size=1)
+    records = [measure(int(n), args.steps, args.dcp_steps, workdir, args.fsdp)
                for n in args.layers.split(",")]
     print(f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} cores; times in ms (ckpt: median of {args.steps} step() calls)")
+          f"{os.cpu_count()} cores{', FSDP2 (1 rank)' if args.fsdp else ''}; times in ms "
+          f"(ckpt: median of {args.steps} step() calls)")
     print(f"{'tensors':>8}{'train step':>12}{'state_dicts':>13}{'dcp get_sd':>12}"
           f"{'ckpt step()':>13}{'ckpt max':>10}{'async_save':>12}{'ckpt/sd':>9}"
           f"{'ckpt/get_sd':>13}{'ckpt/async':>12}{'gc in step':>12}")

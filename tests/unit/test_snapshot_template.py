@@ -10,6 +10,12 @@ template.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +25,7 @@ from ckpt.hook.collect import SnapshotCollector
 from test_checkpointer import make_cp  # noqa: F401 - the Checkpointer factory fixture
 
 HEADER = {"job": "j", "rank": 0, "world_size": 1}
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 class Net(torch.nn.Module):
@@ -183,3 +190,55 @@ def test_a_checkpointer_takes_its_snapshots_from_the_template(make_cp):
         cp.step(step)
     assert cp.wait()
     assert cp._collector.template_snapshots >= 3
+
+
+_FSDP_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    from torch.distributed.fsdp import fully_shard
+    from ckpt.hook.collect import SnapshotCollector
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    def train():
+        model(torch.randn(6, 5)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    train()
+    c = SnapshotCollector(model, optimizer, None, {}, chunk_bytes=1 << 20)
+    c.check = True  # every template snapshot is compared with the full path
+    header = {"job": "j", "rank": rank, "world_size": 2}
+    used = []
+    for step in range(3):
+        used.append(c.collect(step, header).from_template)
+        train()
+    weight = model[0].weight
+    optimizer.state[weight]["exp_avg"] = torch.zeros_like(optimizer.state[weight]["exp_avg"])
+    for step in range(3, 5):
+        used.append(c.collect(step, header).from_template)
+    print(json.dumps({"used": used, "sharded": [list(t.spec.global_shape) != list(t.spec.shape)
+                                                for t in c.plan.layout.tensors
+                                                if t.spec.name == "model/0.weight"]}))
+    dist.destroy_process_group()
+""")
+
+
+def test_fsdp2_shards_are_collected_from_the_template_too(tmp_path):
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", _FSDP_WORKER, str(r), str(tmp_path / "s")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+        got = json.loads(out.strip().splitlines()[-1])
+        # A replaced moment (a new DTensor) takes the full path once.
+        assert got["used"] == [False, True, True, False, True]
+        assert got["sharded"] == [True]

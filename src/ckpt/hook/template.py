@@ -16,35 +16,58 @@ the live state still is exactly it:
   keys, the same tensor objects (still set to the same memory, same dtype) and equal
   scalars; the param groups hold the same parameter objects.
 
+A DTensor (FSDP2, tensor parallel) is checked through its local shard, plus its sharding
+spec (mesh, placements, global shape): the full path's geometry of one costs ~160 us (the
+shard's offsets), which the template pays once.
+
 Only then is the bulk reused; the rest of the state (param-group hyperparameters,
 scheduler, extras, RNG, step) is small and is flattened anew every snapshot. Anything
-else -- DTensor values (FSDP2), non-tensor model state, a model that DCP itself must
-name -- gets no template, and every snapshot takes the full path.
+else -- non-tensor model state, tensor subclasses, a model that DCP itself must name --
+gets no template, and every snapshot takes the full path.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from itertools import repeat
 from operator import attrgetter, is_
 from typing import Any
 
 import torch
 
 from ckpt.hook.state import cached_renames, plain_state_dict
-from ckpt.snapshot.geometry import TensorGeometry
+from ckpt.snapshot.geometry import DTensor, TensorGeometry
 
 _SCALARS = (type(None), bool, int, float, str)
 
 
-def _same_memory_and_dtype(tensors, aliases, dtypes) -> bool:
-    """Each tensor set to its alias's memory (storage, offset, sizes, strides), its dtype."""
-    return all(map(torch.Tensor.is_set_to, tensors, aliases)) and \
-        all(map(is_, map(_DTYPE, tensors), dtypes))
-
-
+_TENSOR_TYPES = (torch.Tensor,) if DTensor is None else (torch.Tensor, DTensor)
 _DTYPE = attrgetter("dtype")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # DTensor._local_tensor, not to_local(): an autograd Function call costs ~10 us.
+    return t._local_tensor if type(t) is not torch.Tensor else t
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    return _local(t).detach()
+
+
+def _spec_of(t: torch.Tensor) -> Any:
+    return t._spec if type(t) is not torch.Tensor else None
+
+
+def _same_tensors(tensors, aliases, specs, dtypes) -> bool:
+    """Each tensor (its local shard, for a DTensor) is set to its alias's memory (storage,
+    offset, sizes, strides), has its dtype, and a DTensor its sharding spec (mesh,
+    placements, global shape)."""
+    if not all(map(is_, map(_DTYPE, tensors), dtypes)):
+        return False
+    if not any(specs):  # all plain tensors: the common case, without a per-tensor call
+        return all(map(torch.Tensor.is_set_to, tensors, aliases))
+    return all(map(torch.Tensor.is_set_to, map(_local, tensors), aliases)) and \
+        all(spec is None or t._spec is spec or t._spec == spec for t, spec in zip(tensors, specs))
 
 
 def _dumps(value: Any) -> str:
@@ -58,13 +81,16 @@ class BulkTemplate:
     count: int
     model_keys: tuple[str, ...]  # model.state_dict()'s keys, in its order
     model_order: tuple[str, ...]  # the same keys in the snapshot's (DCP's) order
-    model_aliases: tuple[torch.Tensor, ...]  # in the snapshot's order
+    model_types: tuple[type, ...]  # in the snapshot's order, as the three below
+    model_aliases: tuple[torch.Tensor, ...]  # local tensors, metadata frozen at build time
+    model_specs: tuple[Any, ...]  # a DTensor's sharding spec, None for a plain tensor
     model_dtypes: tuple[torch.dtype, ...]
     optim_params: tuple[torch.Tensor, ...]  # optimizer.state's keys, in its order
     optim_keys: tuple[tuple[str, ...], ...]  # each parameter's state keys
     optim_values: tuple[Any, ...]  # every value, flattened in that order
     optim_tensors: tuple[torch.Tensor, ...]  # the tensor values among them
-    optim_aliases: tuple[torch.Tensor, ...]  # their metadata, frozen at build time
+    optim_aliases: tuple[torch.Tensor, ...]  # their local tensors' metadata, frozen
+    optim_specs: tuple[Any, ...]
     optim_dtypes: tuple[torch.dtype, ...]
     group_params: tuple[tuple[torch.Tensor, ...], ...]
     group_fqns: tuple[list[str], ...]
@@ -85,25 +111,30 @@ class BulkTemplate:
         model_sd, optim_sd = state["model"], state["optim"]
         if renames is None or list(model_sd) != [fqn for _, fqn in renames.order]:
             return None
-        if any(type(t) is not torch.Tensor for t in model_sd.values()):
+        if any(type(t) not in _TENSOR_TYPES for t in model_sd.values()):
             return None
         values = [v for live in optimizer.state.values() for v in live.values()]
-        if any(type(v) is not torch.Tensor and type(v) not in _SCALARS for v in values):
+        if any(type(v) not in _TENSOR_TYPES and type(v) not in _SCALARS for v in values):
             return None
-        tensors = tuple(v for v in values if type(v) is torch.Tensor)
-        expected = [*model_sd.values(), *tensors]
-        count = len(expected)
-        if len(geoms) < count or any(g.local is not t for g, t in zip(geoms, expected)):
+        tensors = tuple(v for v in values if type(v) in _TENSOR_TYPES)
+        names = [*(f"model/{fqn}" for fqn in model_sd),
+                 *(f"optim/state/{fqn}/{key}" for fqn, live in optim_sd["state"].items()
+                   for key, v in live.items() if type(v) in _TENSOR_TYPES)]
+        count = len(names)
+        if len(geoms) < count or any(g.name != name for g, name in zip(geoms, names)):
             return None  # not the prefix the full path flattened: no template
         groups = optimizer.param_groups
         return cls(
             count=count, model_keys=renames.keys,
             model_order=tuple(key for key, _ in renames.order),
-            model_aliases=tuple(model_sd.values()),
+            model_types=tuple(map(type, model_sd.values())),
+            model_aliases=tuple(map(_alias, model_sd.values())),
+            model_specs=tuple(map(_spec_of, model_sd.values())),
             model_dtypes=tuple(t.dtype for t in model_sd.values()),
             optim_params=tuple(optimizer.state), optim_values=tuple(values),
             optim_keys=tuple(tuple(live) for live in optimizer.state.values()),
-            optim_tensors=tensors, optim_aliases=tuple(t.detach() for t in tensors),
+            optim_tensors=tensors, optim_aliases=tuple(map(_alias, tensors)),
+            optim_specs=tuple(map(_spec_of, tensors)),
             optim_dtypes=tuple(t.dtype for t in tensors),
             group_params=tuple(tuple(g["params"]) for g in groups),
             group_fqns=tuple(list(g["params"]) for g in optim_sd["param_groups"]),
@@ -129,18 +160,18 @@ class BulkTemplate:
         values = [v for live in state.values() for v in live.values()]
         if not all(map(is_, values, self.optim_values)):
             # Scalars may be equal without being the same object; tensors may not.
-            if any(type(a) is not type(b) or (a is not b if type(a) is torch.Tensor else a != b)
+            if any(type(a) is not type(b) or (a is not b if type(a) in _TENSOR_TYPES else a != b)
                    for a, b in zip(values, self.optim_values)):
                 return False
-        if not _same_memory_and_dtype(self.optim_tensors, self.optim_aliases,
-                                      self.optim_dtypes):
+        if not _same_tensors(self.optim_tensors, self.optim_aliases, self.optim_specs,
+                             self.optim_dtypes):
             return False
         plain = plain_state_dict(model)
         if tuple(plain) != self.model_keys:
             return False
         tensors = [plain[key] for key in self.model_order]
-        return all(map(is_, map(type, tensors), repeat(torch.Tensor))) and \
-            _same_memory_and_dtype(tensors, self.model_aliases, self.model_dtypes)
+        return all(map(is_, map(type, tensors), self.model_types)) and \
+            _same_tensors(tensors, self.model_aliases, self.model_specs, self.model_dtypes)
 
     def sources(self) -> list[torch.Tensor]:
         """The bulk's tensors to copy from: the live ones, fresh copies where the full path
