@@ -106,11 +106,14 @@ def test_truncated_payload_is_reported():
         L.read_payload(memoryview(buf)[: len(buf) - 100])
 
 
-def test_meta_that_disagrees_with_the_header_is_reported():
+@pytest.mark.parametrize("field, value", [("first_chunk", 1), ("num_chunks", 5),
+                                          ("data_offset", 8)])
+def test_meta_that_disagrees_with_the_header_is_reported(field, value):
     buf, layout = pack_payload({"a": np.ones(4000, np.float32)}, chunk_bytes=4096)
     meta_bytes = struct.unpack_from("<Q", buf, 16)[0]
     meta = json.loads(bytes(buf[64:64 + meta_bytes]))
-    meta["tensors"][0]["first_chunk"] = 1
+    assert len(str(meta["tensors"][0][field])) == len(str(value))  # the blob keeps its length
+    meta["tensors"][0][field] = value
     blob = json.dumps(meta, separators=(",", ":")).encode()
     assert len(blob) == meta_bytes
     buf[64:64 + meta_bytes] = blob

@@ -177,3 +177,30 @@ def test_the_collector_comes_back_when_the_last_of_overlapping_pauses_ends():
     release.set()
     t.join(10)
     assert gc.isenabled()
+
+
+def test_restore_runs_no_collection_of_the_older_generations(make_cp):
+    model, optimizer = many_linear_model(500)
+    cp = make_cp(model, optimizer)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    cp.step(0)
+    assert cp.ready(60)
+    cp.step(1)
+    assert cp.wait()
+    cp.close()
+    model2, optimizer2 = many_linear_model(500)
+    cp2 = make_cp(model2, optimizer2)
+    during = []
+
+    def watch(phase, info):
+        if phase == "start":
+            during.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        assert cp2.restore() == 2
+    finally:
+        gc.callbacks.remove(watch)
+    assert set(during) <= {0} and len(during) <= 1, during
+    assert torch.equal(model2[0].weight, model[0].weight)

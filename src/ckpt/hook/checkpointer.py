@@ -182,10 +182,11 @@ class Checkpointer:
                 self.link._connect()  # the embedded default: a daemon for this node
             except CkptError as exc:
                 log.warning("ckpt: restore goes on without a daemon: %s", exc)
-        outcome = restore(RestoreTarget(
-            self.model, self.optimizer, self.scheduler, self.extras, self.config.job,
-            self.config.dir, self.rank, self.world_size, self.process_group, self.engine,
-            self.pipeline))
+        with collection_paused():  # it builds the same kind of per-tensor objects as step()
+            outcome = restore(RestoreTarget(
+                self.model, self.optimizer, self.scheduler, self.extras, self.config.job,
+                self.config.dir, self.rank, self.world_size, self.process_group, self.engine,
+                self.pipeline))
         self.last_restore = outcome
         if outcome is None:
             return 0

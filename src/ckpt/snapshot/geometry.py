@@ -8,6 +8,7 @@ shape, and the offsets of the shard in the global tensor, as DCP records them.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -60,8 +61,8 @@ def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
     if is_dtensor(tensor):
         local = tensor.to_local()
         global_shape = tuple(int(s) for s in tensor.shape)
-        local_shape, offsets = compute_local_shape_and_global_offset(
-            tensor.shape, tensor.device_mesh, tensor.placements)
+        local_shape, offsets = _shard_of(global_shape, tensor.device_mesh, tensor.placements,
+                                         torch.distributed.get_rank())
         if tuple(local.shape) != tuple(local_shape):
             raise UnsupportedStateError(
                 f"tensor {name!r}: the local shard has shape {tuple(local.shape)} but its "
@@ -74,6 +75,17 @@ def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
         raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
     shape = tuple(int(s) for s in tensor.shape)
     return TensorGeometry(name, tensor, shape, (0,) * len(shape))
+
+
+@functools.lru_cache(maxsize=8192)
+def _shard_of(global_shape: tuple[int, ...], mesh, placements, rank: int
+              ) -> tuple[tuple, tuple]:
+    """This rank's (local shape, offsets) for a DTensor of ``global_shape``: a pure function
+    of the shape, mesh, placements and this process's rank (in the key, in case a process
+    re-joins as another rank), and ~150 us to compute (a model's many same-shaped
+    parameters and moments share one result)."""
+    local_shape, offsets = compute_local_shape_and_global_offset(global_shape, mesh, placements)
+    return tuple(int(n) for n in local_shape), tuple(int(o) for o in offsets)
 
 
 # Offsets of a whole tensor, by number of dimensions.

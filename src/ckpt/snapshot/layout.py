@@ -279,6 +279,18 @@ def _corrupt(what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"snapshot payload is corrupt: {what}")
 
 
+_ENTRY_KEYS = frozenset({"name", "dtype", "shape", "global_shape", "offsets", "data_offset",
+                         "nbytes", "first_chunk", "num_chunks"})
+
+
+def _placed_as_planned(layout: PayloadLayout, entries: list[dict[str, Any]]) -> bool:
+    """``layout.tensor_entries() == entries``, given that ``layout`` was planned from the
+    entries' specs, without building the entries (a snapshot may hold 100k tensors)."""
+    return all(e.keys() == _ENTRY_KEYS and e["data_offset"] == t.data_offset
+               and e["first_chunk"] == t.first_chunk and e["num_chunks"] == t.num_chunks
+               for t, e in zip(layout.tensors, entries, strict=True))
+
+
 def _spec_from_entry(entry: dict[str, Any]) -> TensorSpec:
     try:
         return TensorSpec(entry["name"], entry["dtype"], entry["shape"], entry["global_shape"],
@@ -320,7 +332,7 @@ def read_payload(view: memoryview, expected_crc: int | None = None
     if meta.get("chunk_bytes") != chunk_bytes or not isinstance(meta.get("tensors"), list):
         raise _corrupt("meta chunk_bytes or tensors disagree with the header")
     layout = plan_layout([_spec_from_entry(e) for e in meta["tensors"]], chunk_bytes)
-    if layout.tensor_entries() != meta["tensors"]:
+    if not _placed_as_planned(layout, meta["tensors"]):
         raise _corrupt("meta tensor offsets or chunk numbering do not match the planned layout")
     if layout.num_chunks != num_chunks or layout.data_offset(meta_bytes) != data_offset:
         raise _corrupt(f"header says {num_chunks} chunks at data offset {data_offset}, the meta "
