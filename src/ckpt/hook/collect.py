@@ -22,7 +22,7 @@ import torch
 from ckpt.hook.state import collect_state, param_groups_state, parameter_locals, \
     small_state
 from ckpt.hook.template import BulkTemplate
-from ckpt.snapshot.geometry import TensorGeometry, geometries
+from ckpt.snapshot.geometry import TensorGeometry, eager_copy, geometries
 from ckpt.snapshot.layout import StateJson, encode_meta
 from ckpt.snapshot.stager import SnapshotPlan, plan_snapshot, signature_of
 from ckpt.snapshot.tree import flatten
@@ -105,8 +105,7 @@ class SnapshotCollector:
         tensors, skeleton = flatten(rest, first_index=template.count)
         geoms = geometries(tensors)
         # None of these is a parameter or optimizer state: all are copied now.
-        sources = template.sources() + [
-            g.local.detach().clone(memory_format=torch.contiguous_format) for g in geoms]
+        sources = template.sources() + [eager_copy(g.local) for g in geoms]
         plan = self._plan_for(template.signature + signature_of(geoms),
                               [*template.geoms, *geoms])
         meta = {**header, "step": step, "state": StateJson(template.state_json(skeleton))}
@@ -152,7 +151,7 @@ def stable_sources(model: torch.nn.Module, geoms: list[TensorGeometry]
                 t = live  # long-lived, unlike state_dict()'s per-call view (gc_pause)
         copy = not guarded or not t.is_contiguous()
         if copy:
-            t = t.detach().clone(memory_format=torch.contiguous_format)
+            t = eager_copy(t)
         sources.append(t)
         copied.append(copy)
     return sources, copied

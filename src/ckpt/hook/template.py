@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ckpt.hook.state import cached_renames, plain_state_dict
-from ckpt.snapshot.geometry import DTensor, TensorGeometry
+from ckpt.snapshot.geometry import DTensor, TensorGeometry, eager_copy
 
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -176,8 +176,7 @@ class BulkTemplate:
     def sources(self) -> list[torch.Tensor]:
         """The bulk's tensors to copy from: the live ones, fresh copies where the full path
         copies (buffers, non-contiguous tensors)."""
-        return [s if s is not None
-                else g.local.detach().clone(memory_format=torch.contiguous_format)
+        return [s if s is not None else eager_copy(g.local)
                 for s, g in zip(self.fixed_sources, self.geoms)]
 
     def state_json(self, rest_skeleton: dict[str, Any]) -> str:

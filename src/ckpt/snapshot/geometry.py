@@ -47,6 +47,11 @@ class TensorGeometry(NamedTuple):
         return self.local.numel() * self.local.element_size()
 
 
+def eager_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy made now: the source of a tensor that may change after step()."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
 def is_dtensor(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
