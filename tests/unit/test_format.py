@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +179,28 @@ def test_newer_format_version_is_refused_with_its_name(tmp_path):
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptCheckpointError, match="'ckpt/2'"):
         StepReader(step_dir)
+
+
+READ_A_STEP_AND_COUNT_THREADS = """
+import os, sys
+import pyarrow
+from ckpt.format import StepReader
+before = len(os.listdir("/proc/self/task"))
+with StepReader(sys.argv[1]) as reader:
+    reader.tensors()
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+def test_reading_the_tensor_tables_starts_no_arrow_thread(tmp_path):
+    # An Arrow pool thread holding a Python buffer at interpreter exit takes the GIL during
+    # finalization and aborts the process ("terminate called without an active exception"):
+    # the tables must be read on the caller's thread.
+    _, step_dir = persist_two_ranks(tmp_path)
+    res = subprocess.run([sys.executable, "-c", READ_A_STEP_AND_COUNT_THREADS, str(step_dir)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    before, after = map(int, res.stdout.split())
+    assert after == before
 
 
 def test_damaged_tensor_table_is_named(tmp_path):
