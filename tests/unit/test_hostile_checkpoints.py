@@ -424,6 +424,7 @@ def test_loader_refuses_a_snapshot_whose_tensor_size_disagrees_with_its_shape(tm
     target = RestoreTarget(model, torch.optim.AdamW(model.parameters()), None, {}, "job",
                            tmp_path, 0, 1, None, None)
     loader = _Loader(target)
+    loader._read_live()  # the live tensors, as check() reads them
     entries = [{"name": g.name, "dtype": g.dtype_name, "global_shape": list(g.global_shape),
                 "shape": list(g.shape), "offsets": list(g.offsets), "nbytes": g.nbytes}
                for g in loader.live.values()]

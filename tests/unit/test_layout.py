@@ -128,6 +128,30 @@ def test_bad_payload_crc_is_reported():
         L.read_payload(memoryview(buf), expected_crc=good ^ 1)
 
 
+def test_the_seal_check_passes_a_good_payload_and_names_damage_without_parsing_the_meta():
+    buf, layout = pack_payload({"a": np.ones(4, np.float32)})
+    good = L.payload_crc(memoryview(buf), layout)
+    L.check_payload_seal(memoryview(buf), good)
+    buf[70] ^= 1  # inside the meta JSON
+    with pytest.raises(CorruptCheckpointError, match="crc32c"):
+        L.check_payload_seal(memoryview(buf), good)
+    with pytest.raises(CorruptCheckpointError, match="crc32c"):  # named as damage, not bad JSON
+        L.read_payload(memoryview(buf), expected_crc=good)
+    with pytest.raises(CorruptCheckpointError, match="past the end"):
+        L.check_payload_seal(memoryview(buf)[:100], good)
+
+
+@pytest.mark.parametrize("field, value", [("shape", [4.0]), ("shape", ["4"]), ("nbytes", 16.0),
+                                          ("offsets", [0.0]), ("name", 7)])
+def test_a_tensor_entry_with_a_non_integer_dimension_is_corrupt_not_truncated(field, value):
+    buf, _ = pack_payload({"a": np.ones(4, np.float32)})
+    meta_bytes = struct.unpack_from("<Q", buf, 16)[0]
+    meta = json.loads(bytes(buf[64:64 + meta_bytes]))
+    meta["tensors"][0][field] = value
+    with pytest.raises(CorruptCheckpointError, match="bad tensor entry"):
+        L._spec_from_entry(meta["tensors"][0])
+
+
 def test_tensor_spec_rejects_wrong_nbytes_and_pieces_outside_the_global_shape():
     with pytest.raises(ConfigError, match="nbytes"):
         L.TensorSpec("a", "float32", (4,), (4,), (0,), 15)

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import _get_fqns, _state_dict_fn, \
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
 from ckpt.errors import ConfigError, LayoutMismatchError
-from ckpt.snapshot.geometry import geometry_of, is_dtensor
+from ckpt.snapshot.geometry import geometry_of, is_dtensor, local_shard
 from ckpt.snapshot.tree import dtype_from_name, unflatten
 
 STATE_KEYS = ("model", "optim", "scheduler", "extra", "rng", "step")
@@ -195,7 +195,7 @@ def _same_tensor(a: Any, b: Any) -> bool:
     if not isinstance(a, torch.Tensor):  # get_extra_state(): fresh per state_dict() call
         return True
     if is_dtensor(a):
-        return a.placements == b.placements and _same_tensor(a.to_local(), b.to_local())
+        return a.placements == b.placements and _same_tensor(local_shard(a), local_shard(b))
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
 
@@ -258,8 +258,7 @@ def param_groups_state(optimizer: torch.optim.Optimizer,
 
 def parameter_locals(model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """data_ptr -> local tensor of every parameter (what only optimizer.step() mutates)."""
-    return {local.data_ptr(): local
-            for local in (p.to_local() if is_dtensor(p) else p for p in model.parameters())}
+    return {local.data_ptr(): local for local in map(local_shard, model.parameters())}
 
 
 def apply_optimizer_scalars(optimizer: torch.optim.Optimizer, live_optim: Mapping[str, Any],
@@ -378,6 +377,11 @@ def _fit(value: Any, live: Any, param: torch.Tensor,
 
 
 def _has_layout(tensor: torch.Tensor, entry: Mapping[str, Any]) -> bool:
+    if type(tensor) is torch.Tensor:  # the common case without a geometry: whole, at 0
+        shape = list(tensor.shape)
+        return (str(tensor.dtype).removeprefix("torch.") == entry["dtype"]
+                and shape == list(entry["shape"]) == list(entry["global_shape"])
+                and not any(entry["offsets"]))
     g = geometry_of(entry["name"], tensor)
     return (g.dtype_name == entry["dtype"] and list(g.shape) == list(entry["shape"])
             and list(g.global_shape) == list(entry["global_shape"])

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ckpt.hook.state import cached_renames, plain_state_dict
-from ckpt.snapshot.geometry import DTensor, TensorGeometry, eager_copy
+from ckpt.snapshot.geometry import DTensor, TensorGeometry, eager_copy, local_shard
 
 _SCALARS = (type(None), bool, int, float, str)
 
@@ -45,13 +45,8 @@ _TENSOR_TYPES = (torch.Tensor,) if DTensor is None else (torch.Tensor, DTensor)
 _DTYPE = attrgetter("dtype")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # DTensor._local_tensor, not to_local(): an autograd Function call costs ~10 us.
-    return t._local_tensor if type(t) is not torch.Tensor else t
-
-
 def _alias(t: torch.Tensor) -> torch.Tensor:
-    return _local(t).detach()
+    return local_shard(t).detach()
 
 
 def _spec_of(t: torch.Tensor) -> Any:
@@ -66,7 +61,7 @@ def _same_tensors(tensors, aliases, specs, dtypes) -> bool:
         return False
     if not any(specs):  # all plain tensors: the common case, without a per-tensor call
         return all(map(torch.Tensor.is_set_to, tensors, aliases))
-    return all(map(torch.Tensor.is_set_to, map(_local, tensors), aliases)) and \
+    return all(map(torch.Tensor.is_set_to, map(local_shard, tensors), aliases)) and \
         all(spec is None or t._spec is spec or t._spec == spec for t, spec in zip(tensors, specs))
 
 

@@ -147,7 +147,7 @@ class _Loader:
 
         self.target = target
         self._model_tensors, _ = flatten({"model": get_model_state_dict(target.model)})
-        self._read_live()
+        # The live optimizer tensors are read in check(), after the state is fitted.
 
     def _read_live(self) -> None:
         self.live_optim = optimizer_state(self.target.model, self.target.optimizer)

@@ -63,7 +63,7 @@ class MemoryCandidate:
 def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
     """Sealed slots of (job, rank) in shared memory whose header area verifies, newest first."""
     from ckpt import _C
-    from ckpt.snapshot.layout import read_payload
+    from ckpt.snapshot.layout import check_payload_seal
 
     out: list[MemoryCandidate] = []
     for _, name in segment_names(job, rank):
@@ -78,7 +78,7 @@ def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
                     continue
                 view = seg.slot_view(slot)[:info["payload_bytes"]]
                 try:
-                    read_payload(view, expected_crc=info["payload_crc"])
+                    check_payload_seal(view, info["payload_crc"])
                 except CkptError:
                     continue
                 out.append(MemoryCandidate(name, slot, info["step"], info["seq"],
@@ -136,22 +136,27 @@ class MemorySource:
         no damaged byte is left in a live tensor, as on the disk tier."""
         layout = self.layout
         actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
-        tickets = []
-        for i, p in enumerate(layout.tensors):
-            if not p.spec.nbytes:
-                continue
-            src = self._data_addr + p.data_offset
-            out = actual.ctypes.data + 4 * p.first_chunk
-            if i in dst_addrs:
-                tickets.append(self.engine.submit([(src, dst_addrs[i], p.spec.nbytes)],
-                                                  layout.chunk_bytes, out))
-            else:
-                tickets.append(self.engine.crc_chunks([(src, p.spec.nbytes)], layout.chunk_bytes, out))
+        tickets = [self._submit_run(copy, run, dst_addrs, actual)
+                   for copy, run in _runs_by_kind(layout, dst_addrs)]
         for t in tickets:
             t.wait(None)
         self._zero_bad_chunks(actual, dst_addrs)
         self._raise_if_bad(actual)
         self.verified = True
+
+    def _submit_run(self, copy: bool, run: list[int], dst_addrs: dict[int, int],
+                    actual: np.ndarray) -> Any:
+        """One engine batch for consecutive tensors: the engine numbers chunks job by job
+        as the layout does, so the batch's crcs land at the run's first chunk."""
+        tensors = self.layout.tensors
+        out = actual.ctypes.data + 4 * tensors[run[0]].first_chunk
+        base = self._data_addr
+        if copy:
+            jobs = [(base + tensors[i].data_offset, dst_addrs[i], tensors[i].spec.nbytes)
+                    for i in run]
+            return self.engine.submit(jobs, self.layout.chunk_bytes, out)
+        jobs = [(base + tensors[i].data_offset, tensors[i].spec.nbytes) for i in run]
+        return self.engine.crc_chunks(jobs, self.layout.chunk_bytes, out)
 
     def _zero_bad_chunks(self, actual: np.ndarray, dst_addrs: dict[int, int]) -> None:
         import ctypes
@@ -205,6 +210,22 @@ class MemorySource:
         # Unmapping a GiB of faulted-in pages takes 30-50 ms: off the restore's critical
         # path (the native close releases the GIL; the slot is already unlocked).
         threading.Thread(target=seg.close, name="ckpt-unmap", daemon=True).start()
+
+
+def _runs_by_kind(layout: Any, dst_addrs: dict[int, int]) -> list[tuple[bool, list[int]]]:
+    """The non-empty tensors in layout order, cut into maximal runs of the same kind:
+    (True, indices) to copy into ``dst_addrs`` and checksum, (False, indices) to checksum
+    in place. Empty tensors have no chunks, so a run's chunks stay consecutive."""
+    runs: list[tuple[bool, list[int]]] = []
+    for i, p in enumerate(layout.tensors):
+        if not p.spec.nbytes:
+            continue
+        copy = i in dst_addrs
+        if runs and runs[-1][0] == copy:
+            runs[-1][1].append(i)
+        else:
+            runs.append((copy, [i]))
+    return runs
 
 
 class DiskSource:

@@ -9,7 +9,7 @@ shape, and the offsets of the shard in the global tensor, as DCP records them.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,6 +56,17 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (its live storage, no copy); any other tensor itself.
+
+    Reads ``DTensor._local_tensor``: ``to_local()`` is an autograd Function call of
+    10-30 us, which thousands of tensors per step() or restore() add up to seconds."""
+    if not is_dtensor(tensor):
+        return tensor
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor.to_local()
+
+
 def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
     """The local piece of ``tensor``, its global shape and this rank's offsets.
 
@@ -64,18 +75,23 @@ def geometry_of(name: str, tensor: torch.Tensor) -> TensorGeometry:
     placements give offsets 0 on every rank. Other tensors: themselves at 0.
     """
     if is_dtensor(tensor):
-        local = tensor.to_local()
-        global_shape = tuple(int(s) for s in tensor.shape)
-        local_shape, offsets = _shard_of(global_shape, tensor.device_mesh, tensor.placements,
-                                         torch.distributed.get_rank())
-        if tuple(local.shape) != tuple(local_shape):
+        local = local_shard(tensor)
+        spec = getattr(tensor, "_spec", None)
+        rank = torch.distributed.get_rank()
+        if spec is not None:  # hashed once per spec by torch: the cheap key
+            global_shape, local_shape, offsets = _geometry_of_spec(spec, rank)
+        else:
+            global_shape = tuple(int(s) for s in tensor.shape)
+            local_shape, offsets = _shard_of(global_shape, tensor.device_mesh, tensor.placements,
+                                             rank)
+        if local.shape != local_shape:
             raise UnsupportedStateError(
                 f"tensor {name!r}: the local shard has shape {tuple(local.shape)} but its "
                 f"placements {tensor.placements} on mesh {tensor.device_mesh} give "
                 f"{tuple(local_shape)}; ckpt stores only evenly described shards (padded or "
                 f"strided shards are not supported yet)")
         # A rank that holds nothing of a dim-0 shard gets offsets == global size; keep them.
-        return TensorGeometry(name, local, global_shape, tuple(int(o) for o in offsets))
+        return TensorGeometry(name, local, global_shape, offsets)
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
     shape = tuple(int(s) for s in tensor.shape)
@@ -91,6 +107,14 @@ def _shard_of(global_shape: tuple[int, ...], mesh, placements, rank: int
     parameters and moments share one result)."""
     local_shape, offsets = compute_local_shape_and_global_offset(global_shape, mesh, placements)
     return tuple(int(n) for n in local_shape), tuple(int(o) for o in offsets)
+
+
+@functools.lru_cache(maxsize=8192)
+def _geometry_of_spec(spec: Any, rank: int) -> tuple[tuple, tuple, tuple]:
+    """(global shape, local shape, offsets) of a DTensor with ``spec`` (a DTensorSpec: its
+    mesh, placements and global shape) on ``rank``."""
+    global_shape = tuple(int(s) for s in spec.shape)
+    return (global_shape, *_shard_of(global_shape, spec.mesh, spec.placements, rank))
 
 
 # Offsets of a whole tensor, by number of dimensions.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -102,25 +103,40 @@ class TensorSpec:
     nbytes: int
 
     def __post_init__(self) -> None:
-        for field in ("shape", "global_shape", "offsets"):
-            object.__setattr__(self, field, tuple(int(v) for v in getattr(self, field)))
-        if not self.name:
-            raise ConfigError("tensor name must not be empty")
+        # Runs once per tensor of every payload read (a snapshot may hold 100k tensors).
+        shape, global_shape, offsets = _dims(self.shape), _dims(self.global_shape), _dims(self.offsets)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "global_shape", global_shape)
+        object.__setattr__(self, "offsets", offsets)
+        if not self.name or type(self.name) is not str:
+            raise ConfigError(f"tensor name must be a non-empty string, got {self.name!r}")
         itemsize = itemsize_of(self.dtype)
-        if not (len(self.shape) == len(self.global_shape) == len(self.offsets)):
+        if not (len(shape) == len(global_shape) == len(offsets)):
             raise ConfigError(
-                f"tensor {self.name!r}: shape {self.shape}, global_shape {self.global_shape} "
-                f"and offsets {self.offsets} must have the same number of dimensions")
-        for dim, (n, g, o) in enumerate(zip(self.shape, self.global_shape, self.offsets)):
+                f"tensor {self.name!r}: shape {shape}, global_shape {global_shape} "
+                f"and offsets {offsets} must have the same number of dimensions")
+        for dim, (n, g, o) in enumerate(zip(shape, global_shape, offsets)):
             if n < 0 or o < 0 or o + n > g:
                 raise ConfigError(
                     f"tensor {self.name!r}: dimension {dim} piece [{o}, {o + n}) does not fit "
                     f"in the global size {g}")
-        expected = math.prod(self.shape) * itemsize
-        if self.nbytes != expected:
+        nbytes = self.nbytes if type(self.nbytes) is int else operator.index(self.nbytes)
+        object.__setattr__(self, "nbytes", nbytes)
+        expected = math.prod(shape) * itemsize
+        if nbytes != expected:
             raise ConfigError(
-                f"tensor {self.name!r}: nbytes {self.nbytes} != {expected} "
-                f"(shape {self.shape} x {itemsize} bytes of {self.dtype})")
+                f"tensor {self.name!r}: nbytes {nbytes} != {expected} "
+                f"(shape {shape} x {itemsize} bytes of {self.dtype})")
+
+
+def _dims(values: Any) -> tuple[int, ...]:
+    """``values`` as a tuple of ints; TypeError for anything that is not an integer
+    (a float or a string in a damaged meta must not be truncated or parsed)."""
+    dims = values if type(values) is tuple else tuple(values)
+    for v in dims:
+        if type(v) is not int:
+            return tuple(operator.index(v) for v in dims)
+    return dims
 
 
 @dataclass(frozen=True)
@@ -299,6 +315,42 @@ def _spec_from_entry(entry: dict[str, Any]) -> TensorSpec:
         raise _corrupt(f"bad tensor entry {str(entry)[:200]}: {exc}") from None
 
 
+def _header_fields(view: memoryview) -> tuple[int, int, int, int]:
+    """(meta_bytes, num_chunks, chunk_bytes, data_offset) of a payload whose magic,
+    version and meta extent check out; CorruptCheckpointError otherwise."""
+    size = len(view)
+    if size < HEADER_BYTES:
+        raise _corrupt(f"{size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    magic, version, _, meta_bytes, num_chunks, chunk_bytes, data_offset = _HEADER.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise _corrupt(f"magic is {bytes(magic)!r}, expected {MAGIC!r} (not a ckpt payload, "
+                       f"or the slot was never written)")
+    if version != VERSION:
+        raise _corrupt(f"version {version}, this ckpt reads version {VERSION}; use a matching ckpt")
+    if HEADER_BYTES + meta_bytes > size:
+        raise _corrupt(f"meta of {meta_bytes} bytes runs past the end of the {size}-byte payload")
+    if chunk_bytes <= 0:
+        raise _corrupt(f"chunk_bytes is {chunk_bytes}")
+    return meta_bytes, num_chunks, chunk_bytes, data_offset
+
+
+def _check_payload_crc(view: memoryview, data_offset: int, expected_crc: int) -> None:
+    if data_offset > len(view):
+        raise _corrupt(f"data offset {data_offset} is past the end of the {len(view)}-byte payload")
+    actual = _C.crc32c(view[0:data_offset])
+    if actual != expected_crc:
+        raise _corrupt(f"header/meta/crc area crc32c is {actual:#010x}, the slot header "
+                       f"recorded {expected_crc:#010x}")
+
+
+def check_payload_seal(view: memoryview, expected_crc: int) -> None:
+    """The cheap half of :func:`read_payload`: magic, version and the crc32c of
+    ``[0, data_offset)`` against the slot header's ``expected_crc``, without parsing the
+    meta (which costs seconds for 100k tensors). For listing sealed slots; a reader still
+    calls read_payload, which checks the rest."""
+    _check_payload_crc(view, _header_fields(view)[3], expected_crc)
+
+
 def read_payload(view: memoryview, expected_crc: int | None = None
                  ) -> tuple[PayloadLayout, dict[str, Any], np.ndarray]:
     """Parse and validate a payload: returns (layout, meta, crc array copy as uint32).
@@ -309,19 +361,9 @@ def read_payload(view: memoryview, expected_crc: int | None = None
     ``[0, data_offset)``. Raises CorruptCheckpointError saying what is wrong.
     """
     size = len(view)
-    if size < HEADER_BYTES:
-        raise _corrupt(f"{size} bytes is shorter than the {HEADER_BYTES}-byte header")
-    fields = _HEADER.unpack_from(view, 0)
-    magic, version, _, meta_bytes, num_chunks, chunk_bytes, data_offset = fields
-    if magic != MAGIC:
-        raise _corrupt(f"magic is {bytes(magic)!r}, expected {MAGIC!r} (not a ckpt payload, "
-                       f"or the slot was never written)")
-    if version != VERSION:
-        raise _corrupt(f"version {version}, this ckpt reads version {VERSION}; use a matching ckpt")
-    if HEADER_BYTES + meta_bytes > size:
-        raise _corrupt(f"meta of {meta_bytes} bytes runs past the end of the {size}-byte payload")
-    if chunk_bytes <= 0:
-        raise _corrupt(f"chunk_bytes is {chunk_bytes}")
+    meta_bytes, num_chunks, chunk_bytes, data_offset = _header_fields(view)
+    if expected_crc is not None:  # first: damage is then named as such, and cheaply
+        _check_payload_crc(view, data_offset, expected_crc)
     try:
         meta = json.loads(bytes(view[HEADER_BYTES:HEADER_BYTES + meta_bytes]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -340,11 +382,6 @@ def read_payload(view: memoryview, expected_crc: int | None = None
     if layout.payload_bytes(meta_bytes) > size:
         raise _corrupt(f"tensor data ends at {layout.payload_bytes(meta_bytes)}, past the end of "
                        f"the {size}-byte payload")
-    if expected_crc is not None:
-        actual = _C.crc32c(view[0:data_offset])
-        if actual != expected_crc:
-            raise _corrupt(f"header/meta/crc area crc32c is {actual:#010x}, the slot header "
-                           f"recorded {expected_crc:#010x}")
     crc_offset = layout.crc_offset(meta_bytes)
     crcs = np.frombuffer(view, dtype="<u4", count=num_chunks, offset=crc_offset).astype(np.uint32)
     return layout, meta, crcs
