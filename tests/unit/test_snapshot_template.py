@@ -77,6 +77,42 @@ def test_an_unchanged_state_is_collected_from_the_template_after_the_first_snaps
         train(model, optimizer, scheduler)  # values change, tensors stay: the template holds
         assert c.collect(step, HEADER).from_template
     assert c.template_snapshots == 4
+    assert c._template.model_tree is not None  # checked without calling state_dict()
+
+
+class WithExtraState(Net):
+    def get_extra_state(self):
+        return {"calls": 3}
+
+    def set_extra_state(self, state) -> None:
+        pass
+
+
+class CustomSave(Net):
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+@pytest.mark.parametrize("net", [CustomSave], ids=lambda c: c.__name__)
+def test_a_model_with_its_own_state_dict_code_is_checked_by_calling_state_dict(net):
+    torch.manual_seed(0)
+    model = net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train(model, optimizer)
+    c = collector(model, optimizer)
+    assert collect_twice(c, 0) == (False, True)
+    assert c._template.model_tree is None
+    replace_buffer(model, optimizer)
+    assert collect_twice(c, 2) == (False, True)
+
+
+def test_a_model_with_extra_state_gets_no_template():
+    torch.manual_seed(0)
+    model = WithExtraState()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    train(model, optimizer)
+    c = collector(model, optimizer)
+    assert collect_twice(c, 0) == (False, False)  # non-tensor model state: the full path
 
 
 def swap_parameter(model, optimizer):
@@ -136,9 +172,38 @@ def load_optimizer_state(model, optimizer):
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new tensors
 
 
+def rename_parameter(model, optimizer):
+    params = model.body._parameters  # the same Parameter object under another name
+    params["weight2"] = params.pop("weight")
+
+
+def make_buffer_non_persistent(model, optimizer):
+    model.norm.register_buffer("running_mean", model.norm.running_mean, persistent=False)
+
+
+def share_a_module(model, optimizer):
+    model.alias = model.body  # state_dict() now lists its tensors twice
+
+
+def replace_a_child_keeping_its_parameters(model, optimizer):
+    norm = torch.nn.BatchNorm1d(4)  # same names and parameters, other buffer objects
+    norm.weight, norm.bias = model.norm.weight, model.norm.bias
+    model.norm = norm
+
+
+def add_state_dict_post_hook(model, optimizer):
+    model.head.register_state_dict_post_hook(lambda module, sd, prefix, local_metadata: None)
+
+
+def add_state_dict_pre_hook(model, optimizer):
+    model.head.register_state_dict_pre_hook(lambda module, prefix, keep_vars: None)
+
+
 CHANGES = [swap_parameter, reassign_data, reinterpret_dtype, replace_moment, resize_moment,
            register_buffer, add_module, replace_buffer, unused_gets_state, add_param_group,
-           reorder_group_params, load_optimizer_state]
+           reorder_group_params, load_optimizer_state, rename_parameter,
+           make_buffer_non_persistent, share_a_module, replace_a_child_keeping_its_parameters,
+           add_state_dict_post_hook, add_state_dict_pre_hook]
 
 
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__)
@@ -222,9 +287,10 @@ _FSDP_WORKER = textwrap.dedent("""
     optimizer.state[weight]["exp_avg"] = torch.zeros_like(optimizer.state[weight]["exp_avg"])
     for step in range(3, 5):
         used.append(c.collect(step, header).from_template)
-    print(json.dumps({"used": used, "sharded": [list(t.spec.global_shape) != list(t.spec.shape)
-                                                for t in c.plan.layout.tensors
-                                                if t.spec.name == "model/0.weight"]}))
+    print(json.dumps({"used": used, "tree": c._template.model_tree is not None,
+                      "sharded": [list(t.spec.global_shape) != list(t.spec.shape)
+                                  for t in c.plan.layout.tensors
+                                  if t.spec.name == "model/0.weight"]}))
     dist.destroy_process_group()
 """)
 
@@ -241,4 +307,5 @@ def test_fsdp2_shards_are_collected_from_the_template_too(tmp_path):
         got = json.loads(out.strip().splitlines()[-1])
         # A replaced moment (a new DTensor) takes the full path once.
         assert got["used"] == [False, True, True, False, True]
+        assert got["tree"]  # FSDP2's state-dict pre-hook is one the module tree stands for
         assert got["sharded"] == [True]

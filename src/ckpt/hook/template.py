@@ -11,7 +11,10 @@ the live state still is exactly it:
 - ``model.state_dict()`` has the same keys, and each value is a plain tensor that
   ``is_set_to`` the one recorded (same storage, offset, sizes and strides) with the same
   dtype: a parameter replaced, re-assigned through ``.data`` or resized, a buffer
-  re-registered, a module added -- any of these fails it;
+  re-registered, a module added -- any of these fails it. Where the model uses
+  ``nn.Module``'s own state-dict code, a :class:`~ckpt.hook.module_tree.ModuleTree`
+  answers "same keys, same tensors" without calling ``state_dict()`` (its cost was half
+  of the check, and most of it under FSDP2);
 - ``optimizer.state`` holds the same parameters in the same order, each with the same
   keys, the same tensor objects (still set to the same memory, same dtype) and equal
   scalars; the param groups hold the same parameter objects.
@@ -35,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ckpt.hook.module_tree import ModuleTree
 from ckpt.hook.state import cached_renames, plain_state_dict
 from ckpt.snapshot.geometry import DTensor, TensorGeometry, eager_copy, local_shard
 
@@ -89,6 +93,10 @@ class BulkTemplate:
     optim_dtypes: tuple[torch.dtype, ...]
     group_params: tuple[tuple[torch.Tensor, ...], ...]
     group_fqns: tuple[list[str], ...]
+    # The parameters and buffers behind model.state_dict(), in model_order, and the tree
+    # that says they still are (None: holds() calls state_dict(), see hook.module_tree).
+    model_tree: ModuleTree | None
+    model_tensors: tuple[torch.Tensor, ...] | None
     geoms: tuple[TensorGeometry, ...]
     signature: tuple
     fixed_sources: tuple[torch.Tensor | None, ...]  # None: copied afresh per snapshot
@@ -119,6 +127,10 @@ class BulkTemplate:
         if len(geoms) < count or any(g.name != name for g, name in zip(geoms, names)):
             return None  # not the prefix the full path flattened: no template
         groups = optimizer.param_groups
+        plain = plain_state_dict(model)
+        tree = ModuleTree.record(model, plain) if tuple(plain) == renames.keys else None
+        tree_tensors = tree.tensors() if tree is not None else None
+        by_key = dict(zip(renames.keys, tree_tensors)) if tree_tensors is not None else None
         return cls(
             count=count, model_keys=renames.keys,
             model_order=tuple(key for key, _ in renames.order),
@@ -133,6 +145,9 @@ class BulkTemplate:
             optim_dtypes=tuple(t.dtype for t in tensors),
             group_params=tuple(tuple(g["params"]) for g in groups),
             group_fqns=tuple(list(g["params"]) for g in optim_sd["param_groups"]),
+            model_tree=tree if by_key is not None else None,
+            model_tensors=tuple(by_key[key] for key, _ in renames.order)
+            if by_key is not None else None,
             geoms=tuple(geoms[:count]), signature=signature[:count],
             fixed_sources=tuple(None if c else s for s, c in zip(sources[:count], copied)),
             model_json=_dumps(skeleton["model"]),
@@ -161,6 +176,9 @@ class BulkTemplate:
         if not _same_tensors(self.optim_tensors, self.optim_aliases, self.optim_specs,
                              self.optim_dtypes):
             return False
+        if self.model_tree is not None:  # the same modules, parameters and buffers
+            return self.model_tree.tensors() is not None and _same_tensors(
+                self.model_tensors, self.model_aliases, self.model_specs, self.model_dtypes)
         plain = plain_state_dict(model)
         if tuple(plain) != self.model_keys:
             return False
