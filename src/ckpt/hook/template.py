@@ -127,10 +127,10 @@ class BulkTemplate:
         if len(geoms) < count or any(g.name != name for g, name in zip(geoms, names)):
             return None  # not the prefix the full path flattened: no template
         groups = optimizer.param_groups
-        plain = plain_state_dict(model)
-        tree = ModuleTree.record(model, plain) if tuple(plain) == renames.keys else None
-        tree_tensors = tree.tensors() if tree is not None else None
-        by_key = dict(zip(renames.keys, tree_tensors)) if tree_tensors is not None else None
+        # model_sd is state_dict()'s result renamed: the same tensors, keyed as it keyed them.
+        fqn_of = dict(renames.order)
+        tree = ModuleTree.record(model, {key: model_sd[fqn_of[key]] for key in renames.keys})
+        by_key = dict(zip(renames.keys, tree.tensors())) if tree is not None else {}
         return cls(
             count=count, model_keys=renames.keys,
             model_order=tuple(key for key, _ in renames.order),
@@ -145,9 +145,8 @@ class BulkTemplate:
             optim_dtypes=tuple(t.dtype for t in tensors),
             group_params=tuple(tuple(g["params"]) for g in groups),
             group_fqns=tuple(list(g["params"]) for g in optim_sd["param_groups"]),
-            model_tree=tree if by_key is not None else None,
-            model_tensors=tuple(by_key[key] for key, _ in renames.order)
-            if by_key is not None else None,
+            model_tree=tree,
+            model_tensors=tuple(by_key[key] for key, _ in renames.order) if tree else None,
             geoms=tuple(geoms[:count]), signature=signature[:count],
             fixed_sources=tuple(None if c else s for s, c in zip(sources[:count], copied)),
             model_json=_dumps(skeleton["model"]),

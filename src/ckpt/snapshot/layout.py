@@ -103,8 +103,8 @@ class TensorSpec:
     nbytes: int
 
     def __post_init__(self) -> None:
-        # Runs once per tensor of every payload read (a snapshot may hold 100k tensors).
-        shape, global_shape, offsets = _dims(self.shape), _dims(self.global_shape), _dims(self.offsets)
+        shape = _dims(self.shape)
+        global_shape, offsets = _dims(self.global_shape), _dims(self.offsets)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "global_shape", global_shape)
         object.__setattr__(self, "offsets", offsets)
@@ -321,7 +321,8 @@ def _header_fields(view: memoryview) -> tuple[int, int, int, int]:
     size = len(view)
     if size < HEADER_BYTES:
         raise _corrupt(f"{size} bytes is shorter than the {HEADER_BYTES}-byte header")
-    magic, version, _, meta_bytes, num_chunks, chunk_bytes, data_offset = _HEADER.unpack_from(view, 0)
+    magic, version, _, meta_bytes, num_chunks, chunk_bytes, data_offset = \
+        _HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise _corrupt(f"magic is {bytes(magic)!r}, expected {MAGIC!r} (not a ckpt payload, "
                        f"or the slot was never written)")
