@@ -72,6 +72,7 @@ ext_modules = [
             "csrc/segment.cc",
         ],
         include_dirs=[CSRC],
+        depends=glob.glob(os.path.join("csrc", "*.h")),
         cxx_std=17,
         extra_compile_args=COMMON_ARGS,
         extra_link_args=["-pthread"],

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "copy_bytes.h"
 #include "crc32c.h"
 #include "native_error.h"
 
@@ -29,14 +30,14 @@ void run_piece(Piece& p, const Batch& b) {
       const unsigned char* e = b.expected + 4 * p.chunk;
       uint32_t want = static_cast<uint32_t>(e[0]) | static_cast<uint32_t>(e[1]) << 8 |
                       static_cast<uint32_t>(e[2]) << 16 | static_cast<uint32_t>(e[3]) << 24;
-      if (p.crc == want) std::memcpy(p.dst, p.src, p.nbytes);
+      if (p.crc == want) copy_bytes(p.dst, p.src, p.nbytes);
       return;
     }
     case BatchMode::kCopy:
       if (b.crc_out != nullptr) {
         p.crc = crc32c_copy(p.dst, p.src, p.nbytes, 0);
       } else {
-        std::memcpy(p.dst, p.src, p.nbytes);
+        copy_bytes(p.dst, p.src, p.nbytes);
       }
       return;
   }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "copy_bytes.h"
 #include "crc32c_split.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -237,7 +238,7 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
   // Blocked: copy a block that fits in L2, then crc the destination while hot.
   while (n) {
     size_t m = n < kFuseBlock ? n : kFuseBlock;
-    std::memcpy(d, s, m);
+    ckpt::copy_bytes(d, s, m);
     c = update(t, c, d, m);
     d += m;
     s += m;
