@@ -91,6 +91,7 @@ ext_modules = [
             "csrc/ec/kernels_avx2.cc",
             "csrc/ec/kernels_avx512.cc",
             "csrc/ec/kernels_gfni.cc",
+            "csrc/ec/kernels_neon.cc",
         ],
         include_dirs=[CSRC],
         cxx_std=17,

@@ -13,6 +13,19 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <nmmintrin.h>
 #define CKPT_X86 1
+#define CKPT_CRC_HW 1
+#define CKPT_CRC_TARGET __attribute__((target("sse4.2")))
+#elif defined(__aarch64__)
+#include <arm_acle.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#define CKPT_CRC_HW 1
+#if defined(__clang__)
+#define CKPT_CRC_TARGET __attribute__((target("crc")))
+#else
+#define CKPT_CRC_TARGET __attribute__((target("+crc")))
+#endif
 #endif
 
 namespace ckpt {
@@ -59,14 +72,38 @@ void make_shift_table(uint32_t table[4][256], uint32_t op) {
     for (uint32_t b = 0; b < 256; b++) table[j][b] = multmodp(op, b << (8 * j));
 }
 
-bool cpu_has_sse42() {
-#ifdef CKPT_X86
+// The crc32c instruction: SSE4.2 `crc32` on x86-64, the ARMv8 CRC extension's
+// `crc32c[bx]` on aarch64 (optional in ARMv8.0, mandatory from ARMv8.1: Graviton,
+// Grace and Apple cores all have it).
+bool cpu_has_crc_instruction() {
+#if defined(CKPT_X86)
   __builtin_cpu_init();
   return __builtin_cpu_supports("sse4.2");
+#elif defined(__aarch64__) && defined(__linux__)
+  constexpr unsigned long kHwcapCrc32 = 1ul << 7;  // HWCAP_CRC32 in <asm/hwcap.h>
+  return (getauxval(AT_HWCAP) & kHwcapCrc32) != 0;
+#elif defined(__aarch64__) && defined(__APPLE__)
+  return true;
 #else
   return false;
 #endif
 }
+
+#ifdef CKPT_CRC_HW
+#if defined(CKPT_X86)
+CKPT_CRC_TARGET inline uint64_t crc_word(uint64_t c, uint64_t w) { return _mm_crc32_u64(c, w); }
+CKPT_CRC_TARGET inline uint64_t crc_byte(uint64_t c, unsigned char b) {
+  return _mm_crc32_u8(static_cast<uint32_t>(c), b);
+}
+#else
+CKPT_CRC_TARGET inline uint64_t crc_word(uint64_t c, uint64_t w) {
+  return __crc32cd(static_cast<uint32_t>(c), w);
+}
+CKPT_CRC_TARGET inline uint64_t crc_byte(uint64_t c, unsigned char b) {
+  return __crc32cb(static_cast<uint32_t>(c), b);
+}
+#endif
+#endif
 
 Tables::Tables() {
   for (uint32_t n = 0; n < 256; n++) {
@@ -86,7 +123,7 @@ Tables::Tables() {
 
   const char* impl = std::getenv("CKPT_CRC_IMPL");
   bool force_scalar = impl && std::strcmp(impl, "scalar") == 0;
-  hw = !force_scalar && cpu_has_sse42();
+  hw = !force_scalar && cpu_has_crc_instruction();
   const char* fuse = std::getenv("CKPT_FUSE_MODE");
   blocked = fuse && std::strcmp(fuse, "blocked") == 0;
 }
@@ -136,31 +173,35 @@ uint32_t scalar_update(const Tables& t, uint32_t c, const unsigned char* p, size
   return c;
 }
 
-#ifdef CKPT_X86
+#ifdef CKPT_CRC_HW
 // Three-stream hardware crc over rounds of 3 * kLane bytes. When kCopy, the bytes
 // are also stored to *d as they are crc'd ("inline" fusion: one load feeds both).
+// kStream (x86 only) stores with movnti.
 template <bool kCopy, size_t kLane, bool kStream = false>
-__attribute__((target("sse4.2"), always_inline)) inline void hw_three_way(
+CKPT_CRC_TARGET __attribute__((always_inline)) inline void hw_three_way(
     const uint32_t table[4][256], uint64_t& c0, const unsigned char*& p, unsigned char*& d, size_t& n) {
   while (n >= 3 * kLane) {
     uint64_t c1 = 0, c2 = 0;
     const unsigned char* end = p + kLane;
     do {
       uint64_t w0 = load64(p), w1 = load64(p + kLane), w2 = load64(p + 2 * kLane);
+#ifdef CKPT_X86
       if (kCopy && kStream) {
         stream64(d, w0);
         stream64(d + kLane, w1);
         stream64(d + 2 * kLane, w2);
         d += 8;
-      } else if (kCopy) {
+      } else
+#endif
+      if (kCopy) {
         store64(d, w0);
         store64(d + kLane, w1);
         store64(d + 2 * kLane, w2);
         d += 8;
       }
-      c0 = _mm_crc32_u64(c0, w0);
-      c1 = _mm_crc32_u64(c1, w1);
-      c2 = _mm_crc32_u64(c2, w2);
+      c0 = crc_word(c0, w0);
+      c1 = crc_word(c1, w1);
+      c2 = crc_word(c2, w2);
       p += 8;
     } while (p < end);
     c0 = shift(table, static_cast<uint32_t>(c0)) ^ c1;
@@ -172,23 +213,24 @@ __attribute__((target("sse4.2"), always_inline)) inline void hw_three_way(
 }
 
 template <bool kCopy>
-__attribute__((target("sse4.2"))) uint32_t hw_update(const Tables& t, uint32_t c,
-                                                     const unsigned char* p,
-                                                     unsigned char* d, size_t n) {
+CKPT_CRC_TARGET uint32_t hw_update(const Tables& t, uint32_t c, const unsigned char* p,
+                                   unsigned char* d, size_t n) {
   uint64_t c0 = c;
   while (n && (reinterpret_cast<uintptr_t>(p) & 7)) {
     if (kCopy) *d++ = *p;
-    c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
+    c0 = crc_byte(c0, *p++);
     n--;
   }
   // Copies far bigger than the caches, to an aligned destination that is not a few
   // bytes ahead of the source (stream_safe): stream the long lanes (the tail goes
   // through the cache as usual).
+#ifdef CKPT_X86
   if (kCopy && n >= kStreamMinBytes && (reinterpret_cast<uintptr_t>(d) & 7) == 0 &&
       stream_safe(p, d)) {
     hw_three_way<kCopy, kLong, true>(t.shift_long, c0, p, d, n);
     _mm_sfence();
   }
+#endif
   hw_three_way<kCopy, kLong>(t.shift_long, c0, p, d, n);
   hw_three_way<kCopy, kShort>(t.shift_short, c0, p, d, n);
   while (n >= 8) {
@@ -197,20 +239,20 @@ __attribute__((target("sse4.2"))) uint32_t hw_update(const Tables& t, uint32_t c
       store64(d, w);
       d += 8;
     }
-    c0 = _mm_crc32_u64(c0, w);
+    c0 = crc_word(c0, w);
     p += 8;
     n -= 8;
   }
   while (n--) {
     if (kCopy) *d++ = *p;
-    c0 = _mm_crc32_u8(static_cast<uint32_t>(c0), *p++);
+    c0 = crc_byte(c0, *p++);
   }
   return static_cast<uint32_t>(c0);
 }
 #endif
 
 uint32_t update(const Tables& t, uint32_t c, const unsigned char* p, size_t n) {
-#ifdef CKPT_X86
+#ifdef CKPT_CRC_HW
   if (t.hw) return hw_update<false>(t, c, p, nullptr, n);
 #endif
   return scalar_update(t, c, p, n);
@@ -232,7 +274,7 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
   auto* d = static_cast<unsigned char*>(dst);
   auto* s = static_cast<const unsigned char*>(src);
   uint32_t c = ~crc;
-#ifdef CKPT_X86
+#ifdef CKPT_CRC_HW
   if (t.hw && !t.blocked) return ~hw_update<true>(t, c, s, d, n);
 #endif
   // Blocked: copy a block that fits in L2, then crc the destination while hot.
@@ -251,7 +293,13 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
   return ckpt_crc::combine(crc_a, crc_b, ckpt_crc::shift_op(kPowers, len_b));
 }
 
-const char* crc32c_impl() { return tables().hw ? "sse4.2" : "scalar"; }
+const char* crc32c_impl() {
+#if defined(CKPT_X86)
+  return tables().hw ? "sse4.2" : "scalar";
+#else
+  return tables().hw ? "armv8-crc" : "scalar";
+#endif
+}
 
 const char* crc32c_fuse_mode() {
   const Tables& t = tables();

@@ -39,6 +39,12 @@ CpuFeatures detect() {
   f.gfni = gfni && (f.avx2 || f.avx512bw);
   return f;
 }
+#elif defined(__aarch64__)
+CpuFeatures detect() {
+  CpuFeatures f;
+  f.neon = true;
+  return f;
+}
 #else
 CpuFeatures detect() { return CpuFeatures(); }
 #endif
@@ -58,6 +64,7 @@ const IsaKernels* kernels_for(int isa) {
     case kAvx2: return f.avx2 ? kernels_avx2() : nullptr;
     case kAvx512: return f.avx512bw ? kernels_avx512() : nullptr;
     case kGfni: return f.gfni ? kernels_gfni(f.avx512bw) : nullptr;
+    case kNeon: return f.neon ? kernels_neon() : nullptr;
     default: return nullptr;
   }
 }
@@ -74,7 +81,7 @@ int default_isa(std::string* error) {
         if (cap < 0) {
           isa = -1;
           error = std::string("CKPT_EC_ISA=") + env +
-                  " is not a kernel level; use one of scalar, ssse3, avx2, avx512, gfni (or unset it)";
+                  " is not a kernel level; use one of scalar, ssse3, avx2, avx512, gfni, neon (or unset it)";
           return;
         }
       }

@@ -12,6 +12,7 @@ struct CpuFeatures {
   bool avx2 = false;     // AVX2 and the OS saves YMM state (XCR0 bits 1, 2)
   bool avx512bw = false; // AVX-512F+BW and the OS saves ZMM/opmask state (XCR0 bits 5-7)
   bool gfni = false;     // GFNI (with AVX2 or AVX-512 usable as above)
+  bool neon = false;     // Advanced SIMD: every aarch64 core
 };
 
 // cpuid and xgetbv, read once.

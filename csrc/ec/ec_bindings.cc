@@ -399,6 +399,7 @@ PYBIND11_MODULE(_ec, m) {
     if (kernels_avx2()) out.push_back("avx2");
     if (kernels_avx512()) out.push_back("avx512");
     if (kernels_gfni(false)) out.push_back("gfni");
+    if (kernels_neon()) out.push_back("neon");
     return out;
   }, "Kernel levels compiled into this build (whether or not this CPU runs them).");
   m.def("default_isa", [] {
@@ -414,6 +415,7 @@ PYBIND11_MODULE(_ec, m) {
     d["avx2"] = f.avx2;
     d["avx512bw"] = f.avx512bw;
     d["gfni"] = f.gfni;
+    d["neon"] = f.neon;
     return d;
   }, "What cpuid and xgetbv report (each feature only when the OS also saves its registers).");
 

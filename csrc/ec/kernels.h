@@ -9,7 +9,8 @@
 
 namespace ckpt_ec {
 
-enum Isa : int { kScalar = 0, kSsse3 = 1, kAvx2 = 2, kAvx512 = 3, kGfni = 4, kNumIsa = 5 };
+// The order is the CKPT_EC_ISA cap order; neon (aarch64) sits above the x86 levels.
+enum Isa : int { kScalar = 0, kSsse3 = 1, kAvx2 = 2, kAvx512 = 3, kGfni = 4, kNeon = 5, kNumIsa = 6 };
 
 const char* isa_name(int isa);
 int isa_from_name(const char* name);  // -1 when unknown
@@ -44,12 +45,13 @@ struct IsaKernels {
 };
 
 // Each returns nullptr when the level is compiled out (CKPT_EC_NO_TABLE_SIMD
-// for ssse3/avx2/avx512) or the target is not x86-64.
+// for ssse3/avx2/avx512/neon) or the target is not x86-64 (aarch64 for neon).
 const IsaKernels* kernels_scalar();
 const IsaKernels* kernels_ssse3();
 const IsaKernels* kernels_avx2();
 const IsaKernels* kernels_avx512();
 const IsaKernels* kernels_gfni(bool zmm);  // zmm: 512-bit vectors (needs AVX-512BW) else 256-bit
+const IsaKernels* kernels_neon();
 
 // Scalar tails for the SIMD kernels: the bytes [begin, len) of the call.
 void scalar_dot_from(const DotCall& call, size_t begin);

@@ -8,7 +8,7 @@
 namespace ckpt_ec {
 namespace {
 
-const char* const kNames[kNumIsa] = {"scalar", "ssse3", "avx2", "avx512", "gfni"};
+const char* const kNames[kNumIsa] = {"scalar", "ssse3", "avx2", "avx512", "gfni", "neon"};
 
 void scalar_dot(const DotCall& c) { scalar_dot_from(c, 0); }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -30,11 +31,26 @@ def test_crc32c_matches_known_vectors(data: bytes, expected: int) -> None:
     assert _C._crc32c_scalar(data) == expected
 
 
+def _crc_instruction() -> tuple[str, bool]:
+    """(name of the hardware path, whether this CPU has it), read the way the kernel
+    reports it: cpuinfo flags on x86-64, the AT_HWCAP word of the auxiliary vector
+    (what getauxval reads) on aarch64."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        with open("/proc/cpuinfo") as f:
+            return "sse4.2", " sse4_2" in f.read()
+    if machine in ("aarch64", "arm64"):
+        with open("/proc/self/auxv", "rb") as f:
+            auxv = np.frombuffer(f.read(), dtype=np.uint64).reshape(-1, 2)
+        at_hwcap, hwcap_crc32 = 16, 1 << 7
+        return "armv8-crc", bool(int(auxv[auxv[:, 0] == at_hwcap][0, 1]) & hwcap_crc32)
+    return "none", False
+
+
 def test_crc32c_impl_follows_the_cpu_and_the_env_override() -> None:
-    with open("/proc/cpuinfo") as f:
-        has_sse42 = " sse4_2" in f.read()
+    name, present = _crc_instruction()
     forced = os.environ.get("CKPT_CRC_IMPL") == "scalar"
-    assert _C.crc32c_impl() == ("sse4.2" if has_sse42 and not forced else "scalar")
+    assert _C.crc32c_impl() == (name if present and not forced else "scalar")
 
 
 def test_hardware_crc_equals_scalar_on_random_lengths_and_unaligned_starts() -> None:

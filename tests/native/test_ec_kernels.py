@@ -18,9 +18,10 @@ from ckpt import _ec
 from ckpt.errors import CodecError
 
 PROT_NONE = 0
-LEVELS = ("scalar", "ssse3", "avx2", "avx512", "gfni")
+LEVELS = ("scalar", "ssse3", "avx2", "avx512", "gfni", "neon")  # the CKPT_EC_ISA cap order
 SIMD = [lv for lv in _ec.available_isas() if lv != "scalar"]
-FEATURE_OF = {"ssse3": "ssse3", "avx2": "avx2", "avx512": "avx512bw", "gfni": "gfni"}
+FEATURE_OF = {"ssse3": "ssse3", "avx2": "avx2", "avx512": "avx512bw", "gfni": "gfni",
+              "neon": "neon (an aarch64 core)"}
 MUL = np.frombuffer(_ec.gf_mul_table(), dtype=np.uint8).reshape(256, 256)
 
 
@@ -238,11 +239,15 @@ def test_plan_refuses_a_level_this_cpu_cannot_run() -> None:
 
 
 def test_available_levels_follow_cpuid_and_the_build() -> None:
-    with open("/proc/cpuinfo") as f:
-        flags = next(line for line in f if line.startswith("flags")).split()
     avail = _ec.available_isas()
     assert avail[0] == "scalar"
     compiled = _ec.compiled_isas()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        assert avail == ["scalar", "neon"] if "neon" in compiled else ["scalar"]
+        return
+    assert "neon" not in compiled
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
     assert ("ssse3" in avail) == ("ssse3" in flags and "ssse3" in compiled)
     assert ("avx2" in avail) == ("avx2" in flags and "avx2" in compiled)
     assert ("avx512" in avail) == ("avx512bw" in flags and "avx512" in compiled)
@@ -296,13 +301,13 @@ def test_codec_suite_passes_with_each_forced_level(level: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="SIMD kernels are x86-64 only")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="checks the x86-64 levels the switch leaves")
 def test_build_switch_leaves_out_the_table_lookup_kernels(tmp_path) -> None:
     """CKPT_EC_NO_TABLE_SIMD=1 builds a codec with no PSHUFB kernels (scalar and GFNI only)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "CKPT_EC_NO_TABLE_SIMD": "1", "CKPT_NO_CUDA": "1"}
     build = subprocess.run(
-        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+        [sys.executable, "setup.py", "-q", "build_ext", "-j", "2", "--build-lib", str(tmp_path / "lib"),
          "--build-temp", str(tmp_path / "tmp")],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )

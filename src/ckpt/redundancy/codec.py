@@ -26,7 +26,7 @@ import numpy as np
 from ckpt import _ec
 from ckpt.errors import CodecError
 
-ISA_LEVELS = ("scalar", "ssse3", "avx2", "avx512", "gfni")
+ISA_LEVELS = ("scalar", "ssse3", "avx2", "avx512", "gfni", "neon")
 
 # A caller-supplied matrix is checked exhaustively (every square submatrix of C)
 # when that takes at most this many small determinants (e.g. every k <= 32 with
