@@ -8,9 +8,9 @@ end-to-end Python call), zfec and reedsolo (pure Python: measured on a small inp
 extrapolated, labelled so)? Codes RS(4,2), RS(8,2), RS(10,4); data in cache (256 KiB of
 data) and in DRAM (>= 1 GiB of data). Each figure is the best of N timed samples after a
 warm-up; in-cache samples loop over enough calls to last a few milliseconds. In cache N is
-60 by default: on a shared VM a neighbour on the same physical core halves the vector
-throughput for seconds at a time (a fixed shuffle/xor loop measured 5 and 11 ops/ns within
-a minute), so a handful of 3 ms samples often sees no undisturbed stretch at all.
+60 by default: on the shared CI VM the vector throughput halves for seconds at a time
+(a fixed shuffle/xor loop measured 5 and 11 ops/ns within a minute; presumably a neighbour
+on the same physical core), so a handful of 3 ms samples often sees no undisturbed stretch.
 
     python bench/erasure.py [--dram-gib 1] [--repeats 60] [--quick]
 
