@@ -35,7 +35,8 @@ def test_small_restore_run_reports_both_tiers_and_baselines_and_cleans_up(tmp_pa
         kill_daemons_under(tmp_path)
     (record,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert record["fsdp"] is fsdp and record["snapshot_tensors"] == 32
-    for key in ("restore_memory_s", "restore_disk_s", "dcp_load_s", "persist_s", "dcp_save_s"):
+    for key in ("restore_memory_s", "restore_disk_s", "dcp_load_s", "persist_s", "dcp_save_s",
+                "first_step_after_restore_s"):
         assert record[key] > 0, key
     assert record["restore_vs_dcp_load"] == record["dcp_load_s"] / record["restore_memory_s"]
     assert shm_names() - before == set()

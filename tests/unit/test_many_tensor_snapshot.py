@@ -204,3 +204,49 @@ def test_restore_runs_no_collection_of_the_older_generations(make_cp):
         gc.callbacks.remove(watch)
     assert set(during) <= {0} and len(during) <= 1, during
     assert torch.equal(model2[0].weight, model[0].weight)
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_parameter_fqns_are_dcps_whether_or_not_the_state_dict_was_named_first(kind):
+    """parameter_fqns takes the names model_state_dict checked against DCP (one walk over
+    the modules for a model without wrappers); either way they are DCP's own FQNs."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns
+
+    from ckpt.hook import state
+
+    for name_first in (False, True):
+        model = MODELS[kind]()
+        if name_first:
+            model_state_dict(model)
+        got = state.parameter_fqns(model)
+        want = {id(p): next(iter(_get_fqns(model, n))) for n, p in model.named_parameters()}
+        assert got == want
+
+
+def test_after_a_restore_the_first_step_does_not_name_the_state_dict_again(make_cp, monkeypatch):
+    """restore() works out DCP's naming of the model once and keeps it: the first step()
+    after it (~0.2 s of DCP set-up at 16000 tensors) asks DCP nothing."""
+    from ckpt.hook import state
+
+    model, optimizer = many_linear_model(50)
+    cp = make_cp(model, optimizer)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    cp.step(0)
+    assert cp.ready(60)
+    cp.step(1)
+    assert cp.wait()
+    cp.close()
+    calls = []
+    monkeypatch.setattr(state, "get_model_state_dict",
+                        lambda model: calls.append(1) or get_model_state_dict(model))
+    model2, optimizer2 = many_linear_model(50)
+    cp2 = make_cp(model2, optimizer2)
+    assert cp2.restore() == 2
+    assert len(calls) == 1
+    model2(torch.randn(2, 8)).sum().backward()
+    optimizer2.step()
+    cp2.step(2)
+    assert cp2.wait()
+    assert len(calls) == 1
+    cp2.close()

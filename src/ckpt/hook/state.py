@@ -30,9 +30,11 @@ import torch
 # ``module.``, torch.compile's ``_orig_mod.`` and activation-checkpoint prefixes
 # dropped): optimizer FQNs must equal get_model_state_dict's keys.
 # _state_dict_fn: model.state_dict, unless DCP's _patch_model_state_dict replaced it.
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.checkpoint.state_dict import _get_fqns, _state_dict_fn, \
     get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ckpt.errors import ConfigError, LayoutMismatchError
 from ckpt.snapshot.geometry import geometry_of, is_dtensor, local_shard
@@ -167,14 +169,29 @@ def cached_renames(model: torch.nn.Module) -> _Renames | None:
     return renames if renames is not None and renames.order is not None else None
 
 
+def _names_are_fqns(model: torch.nn.Module) -> bool:
+    """Whether DCP's ``_get_fqns`` maps every name of this model to itself: it renames
+    only below a DDP, FSDP1 or ``torch.compile`` wrapper, a module with
+    ``_fqn_modifiers`` and an activation-checkpoint wrapper (whose keys carry
+    ``_CHECKPOINT_PREFIX``). One walk over the modules instead of ~17 us per name."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return not any(isinstance(m, (DDP, FSDP1, OptimizedModule)) or hasattr(m, "_fqn_modifiers")
+                   for m in model.modules())
+
+
 def _renames(model: torch.nn.Module, plain: Mapping[str, Any],
              reference: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
     """(key, fqn) pairs that turn ``plain`` into ``reference``, or None when renaming
-    cannot reproduce it."""
+    cannot reproduce it. The result is checked against ``reference`` either way."""
     if FSDP1.fsdp_modules(model):
         return None
     order = []
+    identity = _names_are_fqns(model)
     for key in plain:
+        if identity and _CHECKPOINT_PREFIX not in key:
+            order.append((key, key))
+            continue
         fqns = _get_fqns(model, key)
         if len(fqns) != 1:
             return None
@@ -208,14 +225,20 @@ def parameter_fqns(model: torch.nn.Module) -> dict[int, str]:
     """``id(parameter)`` -> its canonical FQN (the key get_model_state_dict gives it).
 
     Cached per model while its parameters keep their names and objects: working them out
-    takes ~17 us per parameter, and every snapshot needs them."""
+    takes ~17 us per parameter, and every snapshot needs them. A name that
+    :func:`model_state_dict` already renamed (and checked against DCP) takes that FQN."""
     named = list(model.named_parameters())
     key = tuple((name, id(p)) for name, p in named)
     cached = _FQN_CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
+    renames = cached_renames(model)
+    checked = dict(renames.order) if renames is not None else {}
     fqn_by_id: dict[int, str] = {}
     for name, param in named:
+        if name in checked:
+            fqn_by_id[id(param)] = checked[name]
+            continue
         fqns = _get_fqns(model, name)
         if len(fqns) != 1:
             raise ConfigError(f"parameter {name!r} stands for {len(fqns)} parameters (an FSDP1 "

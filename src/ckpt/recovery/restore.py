@@ -29,7 +29,8 @@ import torch
 
 from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
                          StepNotFoundError)
-from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, optimizer_state,
+from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, model_state_dict,
+                             optimizer_state,
                              set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
@@ -143,10 +144,10 @@ class _Loader:
     """Copies a verified source into the live state of one target."""
 
     def __init__(self, target: RestoreTarget) -> None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         self.target = target
-        self._model_tensors, _ = flatten({"model": get_model_state_dict(target.model)})
+        # model_state_dict: DCP's naming, kept for the model, so the first step() after the
+        # restore does not work it out again.
+        self._model_tensors, _ = flatten({"model": model_state_dict(target.model)})
         # The live optimizer tensors are read in check(), after the state is fitted.
 
     def _read_live(self) -> None:
