@@ -179,8 +179,9 @@ def test_the_collector_comes_back_when_the_last_of_overlapping_pauses_ends():
     assert gc.isenabled()
 
 
-def test_restore_runs_no_collection_of_the_older_generations(make_cp):
-    model, optimizer = many_linear_model(500)
+def _train_and_snapshot_two_steps(make_cp, layers: int):
+    """A model of ``layers`` Linear layers trained one step, snapshots of steps 0 and 1."""
+    model, optimizer = many_linear_model(layers)
     cp = make_cp(model, optimizer)
     model(torch.randn(2, 8)).sum().backward()
     optimizer.step()
@@ -189,6 +190,11 @@ def test_restore_runs_no_collection_of_the_older_generations(make_cp):
     cp.step(1)
     assert cp.wait()
     cp.close()
+    return model, optimizer
+
+
+def test_restore_runs_no_collection_of_the_older_generations(make_cp):
+    model, _ = _train_and_snapshot_two_steps(make_cp, 500)
     model2, optimizer2 = many_linear_model(500)
     cp2 = make_cp(model2, optimizer2)
     during = []
@@ -228,15 +234,7 @@ def test_after_a_restore_the_first_step_does_not_name_the_state_dict_again(make_
     after it (~0.2 s of DCP set-up at 16000 tensors) asks DCP nothing."""
     from ckpt.hook import state
 
-    model, optimizer = many_linear_model(50)
-    cp = make_cp(model, optimizer)
-    model(torch.randn(2, 8)).sum().backward()
-    optimizer.step()
-    cp.step(0)
-    assert cp.ready(60)
-    cp.step(1)
-    assert cp.wait()
-    cp.close()
+    _train_and_snapshot_two_steps(make_cp, 50)
     calls = []
     monkeypatch.setattr(state, "get_model_state_dict",
                         lambda model: calls.append(1) or get_model_state_dict(model))
