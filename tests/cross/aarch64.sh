@@ -43,6 +43,8 @@ if [ ! -d "$SITE/numpy" ]; then
   "$PY" -m pip download -q -d "$WORK/wheels" --python-version 3.11 --implementation cp --abi cp311 \
     --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_28_aarch64 \
     --only-binary=:all: numpy pytest psutil reedsolo pybind11 2>&1 | grep -v '^WARNING: Location' || true
+  ls "$WORK"/wheels/numpy-*aarch64*.whl >/dev/null 2>&1 \
+    || { echo "pip could not download the aarch64 wheels (see above)"; exit 1; }
   rm -rf "$SITE" && mkdir -p "$SITE"
   for w in "$WORK"/wheels/*.whl; do "$PY" -m zipfile -e "$w" "$SITE" >/dev/null; done
 fi
