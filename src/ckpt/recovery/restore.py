@@ -30,8 +30,7 @@ import torch
 from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
                          StepNotFoundError)
 from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, model_state_dict,
-                             optimizer_state,
-                             set_rng_state)
+                             optimizer_state, set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
 from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
