@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import ckpt  # noqa: E402
+from snapshot_stall import run_in_workdir  # noqa: E402 - same directory
 from step_overhead import build, train_step  # noqa: E402 - same directory
 
 JOB = f"bench-restore-{os.getpid()}"
@@ -43,13 +42,7 @@ def main() -> int:
                    help="where the daemon, checkpoints and DCP files go (default: a temporary "
                         "directory, removed at the end)")
     args = p.parse_args()
-    temporary = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-")) if temporary else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return run(args, workdir)
-    finally:
-        clean_up(workdir, remove=temporary)
+    return run_in_workdir(run, args, JOB)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
@@ -124,19 +117,6 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                       "first_step_after_restore_s": first_step_s,
                       "torch": torch.__version__, "cpu_cores": os.cpu_count()}))
     return 0
-
-
-def clean_up(workdir: Path, remove: bool) -> None:
-    """Stop the daemon the run started and remove its segments (and ``workdir`` when
-    ``remove``), whatever happened."""
-    from snapshot_stall import stop_daemon
-
-    if (workdir / "daemon.sock").exists():
-        stop_daemon(workdir)
-    for leftover in Path("/dev/shm").glob(f"ckpt-*-{JOB}-*"):
-        leftover.unlink(missing_ok=True)
-    if remove:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

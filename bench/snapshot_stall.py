@@ -615,5 +615,28 @@ def stop_daemon(workdir: Path) -> None:
         print(f"(daemon not stopped: {exc})", file=sys.stderr)
 
 
+def run_in_workdir(run, args: argparse.Namespace, job: str) -> int:
+    """``run(args, workdir)`` in ``args.workdir`` (default: a temporary directory, removed
+    at the end), then ``clean_up_run`` whatever happened."""
+    temporary = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-")) if temporary else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run(args, workdir)
+    finally:
+        clean_up_run(workdir, job, remove=temporary)
+
+
+def clean_up_run(workdir: Path, job: str, remove: bool) -> None:
+    """After a bench run, whatever happened: stop the daemon it started under ``workdir``,
+    unlink the job's segments left behind, and remove ``workdir`` when ``remove``."""
+    if (workdir / "daemon.sock").exists():
+        stop_daemon(workdir)
+    for leftover in Path("/dev/shm").glob(f"ckpt-*-{job}*"):
+        leftover.unlink(missing_ok=True)
+    if remove:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -109,6 +109,15 @@ def run_torchrun(args: list[str], *, nproc: int = 2, max_restarts: int = 0,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    """Damage one byte of the file ``path`` in place (XOR with ``mask``)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and every descendant (workers of a hung launcher must not linger)."""
     try:

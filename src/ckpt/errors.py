@@ -49,6 +49,12 @@ class LayoutMismatchError(CkptError, ValueError):
     """Stored tensors do not fit the model being restored (names, shapes, dtypes)."""
 
 
+class ShardingMismatchError(LayoutMismatchError):
+    """Stored tensors match the model's names, dtypes and global shapes but were written
+    with another parallel layout (world size, sharding); restore reads them from disk
+    box by box onto the live layout."""
+
+
 class UnsupportedStateError(CkptError, TypeError):
     """A state_dict holds a value ckpt cannot store without pickle."""
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import flip_byte
 
 from ckpt.errors import ConfigError, CorruptCheckpointError, CorruptChunkError
 from ckpt.format import StepReader, persist_payloads, verify, write_rank
@@ -111,14 +112,6 @@ def test_slice_outside_the_tensor_is_a_usage_error(tmp_path):
     _, step_dir = persist_two_ranks(tmp_path)
     with StepReader(step_dir) as reader, pytest.raises(ConfigError, match="outside"):
         reader.read_slice("model/w", (60, 0), (8, 40))
-
-
-def flip_byte(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x40]))
 
 
 def test_flipped_byte_is_named_by_verify_and_never_returned_by_reads(tmp_path):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -429,8 +430,10 @@ def test_loader_refuses_a_snapshot_whose_tensor_size_disagrees_with_its_shape(tm
                 "shape": list(g.shape), "offsets": list(g.offsets), "nbytes": g.nbytes}
                for g in loader.live.values()]
     state = {"optim": {"state": {}, "param_groups": []}}  # no optimizer step taken yet
-    loader.check({"tensors": entries, "state": state}, "snapshot")  # consistent: accepted
+    source = SimpleNamespace(meta={"tensors": entries, "state": state}, where="snapshot",
+                             reshards=False)
+    loader.check(source)  # consistent: accepted
     entries[0]["nbytes"] += 1 << 20  # copying this many bytes would overrun the live tensor
     with pytest.raises(CorruptCheckpointError, match=rf"snapshot: tensor '{entries[0]['name']}' "
                                                      rf"records \d+ bytes.*damaged"):
-        loader.check({"tensors": entries, "state": state}, "snapshot")
+        loader.check(source)

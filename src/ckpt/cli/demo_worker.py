@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         )
         start = cp.restore()
     _emit({"event": "restored", "start": start, "rank": rank, "attempt": attempt})
+    if args.out_restored:
+        restored = final_state_arrays(model, optimizer)  # a collective under FSDP2
+        if rank == 0:
+            np.savez(args.out_restored, **restored)
 
     for step in range(start, args.steps):
         if kills.get(step) == "step":
@@ -168,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the final state here (.npz)")
+    p.add_argument("--out-restored", default="",
+                   help="write the state right after restore() here (.npz)")
     p.add_argument("--ckpt", action="store_true", help="use ckpt.Checkpointer (else: plain training)")
     p.add_argument("--parallel", default="none", choices=["none", "ddp", "fsdp"])
     p.add_argument("--every", type=int, default=1)

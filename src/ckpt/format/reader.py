@@ -11,7 +11,6 @@ per-thread decompressors).
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 import threading
@@ -24,43 +23,14 @@ import zstandard
 
 from ckpt import _C
 from ckpt.errors import ConfigError, CorruptCheckpointError, CorruptChunkError
+from ckpt.format.boxes import (Tiling, box_bytes, box_intersection, byte_runs, check_box,
+                               contiguous_span, tiling_of)
 from ckpt.format.metadata import ChunkRef, TensorPiece, parse_table_bytes
 from ckpt.snapshot.layout import itemsize_of, numpy_dtype_of
 from ckpt.storage.fs import (DAMAGED_ADVICE, MANIFEST_NAME, check_manifest, damaged,
                              read_manifest)
 
 __all__ = ["StepReader", "TensorPiece", "box_intersection"]
-
-
-def box_intersection(a_off: tuple[int, ...], a_shape: tuple[int, ...], b_off: tuple[int, ...],
-                     b_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Intersection of two n-d boxes as (offsets, shape), or None when empty."""
-    lo = tuple(max(a, b) for a, b in zip(a_off, b_off))
-    hi = tuple(min(a + n, b + m) for a, n, b, m in zip(a_off, a_shape, b_off, b_shape))
-    if any(h <= low for low, h in zip(lo, hi)):
-        return None
-    return lo, tuple(h - low for low, h in zip(lo, hi))
-
-
-def _runs(shape: tuple[int, ...], box_off: tuple[int, ...], box_shape: tuple[int, ...],
-          itemsize: int) -> tuple[np.ndarray, int]:
-    """Byte starts of the contiguous runs a box occupies in a C-ordered array, and run length."""
-    nd = len(shape)
-    # Trailing dimensions the box covers fully merge into one contiguous run.
-    k = nd
-    while k > 0 and box_off[k - 1] == 0 and box_shape[k - 1] == shape[k - 1]:
-        k -= 1
-    run_elems = math.prod(box_shape[k:]) if k == nd else math.prod(shape[k:])
-    if k == 0:
-        return np.zeros(1, dtype=np.int64), run_elems * itemsize
-    run_elems = box_shape[k - 1] * math.prod(shape[k:])
-    strides = [math.prod(shape[d + 1:]) for d in range(nd)]
-    starts = np.zeros(1, dtype=np.int64)
-    for d in range(k - 1):
-        idx = np.arange(box_off[d], box_off[d] + box_shape[d], dtype=np.int64) * strides[d]
-        starts = (starts[:, None] + idx[None, :]).ravel()
-    starts = starts + box_off[k - 1] * strides[k - 1]
-    return starts * itemsize, run_elems * itemsize
 
 
 # Reads of this size keep the disk streaming; several in flight keep its queue full while
@@ -72,6 +42,24 @@ _ZEROS = bytes(1 << 20)
 
 def _zeros(nbytes: int) -> bytes:
     return _ZEROS[:nbytes] if nbytes <= len(_ZEROS) else bytes(nbytes)
+
+
+def _box_view(name: str, out_buffer: Any, nbytes: int, offsets: tuple, shape: tuple
+              ) -> memoryview:
+    """``out_buffer`` as a byte view; ConfigError unless writable, contiguous, ``nbytes``."""
+    out = memoryview(out_buffer)
+    if not out.contiguous or out.readonly:
+        raise ConfigError(f"out_buffer for {name!r} must be writable and contiguous")
+    out = out.cast("B") if out.nbytes else memoryview(bytearray())
+    if out.nbytes != nbytes:
+        raise ConfigError(f"out_buffer holds {out.nbytes} bytes, the box of {name!r} at "
+                          f"{list(offsets)} of shape {list(shape)} needs {nbytes}")
+    return out
+
+
+def _preferred(pieces: tuple[TensorPiece, ...], rank: int | None) -> tuple[TensorPiece, ...]:
+    """Replicas in read order: ``rank``'s own copy first, then by rank."""
+    return tuple(sorted(pieces, key=lambda p: (p.rank != rank, p.rank)))
 
 
 def _read_regular(path: Path) -> bytes:
@@ -161,6 +149,9 @@ class StepReader:
             self._check_size(info["data"], info["data_bytes"])
             self._check_regular(info["meta"])
         self._tables: dict[int, tuple[list[TensorPiece], Any, dict[str, Any]]] = {}
+        self._by_name: dict[str, list[TensorPiece]] | None = None
+        self._rank_indexes: dict[int, dict[str, TensorPiece]] = {}
+        self._tilings: dict[str, Tiling] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -217,10 +208,33 @@ class StepReader:
         return list(self._table(rank)[0])
 
     def pieces(self, name: str) -> list[TensorPiece]:
-        found = [p for p in self.tensors() if p.name == name]
+        """Every rank's pieces of tensor ``name`` (KeyError when no rank stores it)."""
+        found = self._pieces_by_name().get(name)
         if not found:
             raise KeyError(f"no tensor named {name!r} in {self.path}")
-        return found
+        return list(found)
+
+    def _pieces_by_name(self) -> dict[str, list[TensorPiece]]:
+        if self._by_name is None:
+            by_name: dict[str, list[TensorPiece]] = {}
+            for p in self.tensors():
+                by_name.setdefault(p.name, []).append(p)
+            self._by_name = by_name
+        return self._by_name
+
+    def _rank_index(self, rank: int) -> dict[str, TensorPiece]:
+        index = self._rank_indexes.get(rank)
+        if index is None:
+            index = self._rank_indexes[rank] = {p.name: p for p in self._table(rank)[0]}
+        return index
+
+    def tiling(self, name: str) -> Tiling:
+        """How the step stores tensor ``name`` (its distinct boxes and the pieces holding
+        each), checked once: the boxes must tile the global tensor (CorruptCheckpointError)."""
+        tiling = self._tilings.get(name)
+        if tiling is None:
+            tiling = self._tilings[name] = tiling_of(name, self.pieces(name), str(self.path))
+        return tiling
 
     def state_skeleton(self, rank: int) -> Any:
         """The tree skeleton of ``rank``'s snapshot (non-tensor values; tensors as refs)."""
@@ -323,13 +337,13 @@ class StepReader:
         unverified byte is left in a buffer: the ranges of failed chunks are
         zeroed; other ranges hold verified bytes or their previous contents.
         """
-        table = {p.name: p for p in self._table(rank)[0]}
+        table = self._rank_index(rank)
         work: list[tuple[TensorPiece, memoryview, list[ChunkRef]]] = []
         for name, out_buffer in requests:
             piece = table.get(name)
             if piece is None:
                 raise KeyError(f"rank {rank} of {self.path} has no tensor named {name!r}")
-            work.append((piece, self._out_view(piece, out_buffer), list(piece.chunks)))
+            work.append((piece, self._out_view(piece, out_buffer), list(piece.chunks), 0))
         self._read_chunks(work)
 
     @staticmethod
@@ -343,9 +357,12 @@ class StepReader:
                               f"rank {piece.rank} needs {piece.raw_bytes}")
         return out
 
-    def _read_chunks(self, work: list[tuple[TensorPiece, memoryview, list[ChunkRef]]]) -> None:
-        """Read the listed chunks of each piece into its ``out`` view (raw offsets), checked."""
-        segments = [(piece, out, seg) for piece, out, chunks in work
+    def _read_chunks(self, work: list[tuple[TensorPiece, memoryview, list[ChunkRef], int]]
+                     ) -> None:
+        """Read the listed chunks of each piece into its ``out`` view, checked: the raw
+        byte ``i`` of the piece lands at ``out[i - raw_base]`` (work items are
+        ``(piece, out, chunks, raw_base)``; ``out`` need only hold the listed chunks)."""
+        segments = [(piece, out, seg, raw_base) for piece, out, chunks, raw_base in work
                     for seg in _segments(chunks, self.segment_bytes)]
         if len(segments) <= 1 or self.read_threads <= 1:
             for seg in segments:
@@ -362,10 +379,12 @@ class StepReader:
                 fut.cancel()
             wait(futures)
 
-    def _read_segment(self, piece: TensorPiece, out: memoryview, chunks: list[ChunkRef]) -> None:
+    def _read_segment(self, piece: TensorPiece, out: memoryview, chunks: list[ChunkRef],
+                      raw_base: int = 0) -> None:
         """Read stored-contiguous chunks with one positional read, then check each.
 
-        Raw chunks land directly in ``out``; compressed ones are decoded into it.
+        Raw chunks land directly in ``out`` (raw offset minus ``raw_base``); compressed
+        ones are decoded into it.
         """
         first, last = chunks[0], chunks[-1]
         fd = self._fd(piece.file)
@@ -375,7 +394,7 @@ class StepReader:
         if compressed or first.stored_bytes != first.raw_bytes:
             stored = memoryview(bytearray(span))
         else:
-            stored = out[first.raw_offset:first.raw_offset + span]
+            stored = out[first.raw_offset - raw_base:first.raw_offset - raw_base + span]
         k = 0
         try:
             got = _pread_into(fd, stored, base)  # an I/O error may leave part of a read behind
@@ -387,10 +406,12 @@ class StepReader:
                 raw = self._decode(where, part, chunk)
                 self._check_crc(where, raw, chunk)
                 if compressed:
-                    out[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = raw
+                    at = chunk.raw_offset - raw_base
+                    out[at:at + chunk.raw_bytes] = raw
         except BaseException:
             for chunk in chunks[k:]:  # damaged or unverified: leave nothing of it behind
-                out[chunk.raw_offset:chunk.raw_offset + chunk.raw_bytes] = _zeros(chunk.raw_bytes)
+                at = chunk.raw_offset - raw_base
+                out[at:at + chunk.raw_bytes] = _zeros(chunk.raw_bytes)
             raise
 
     def read_slice(self, name: str, offsets: tuple[int, ...] | list[int],
@@ -400,44 +421,112 @@ class StepReader:
         Assembled from whichever ranks' pieces overlap it, reading only their
         chunks that hold bytes of the box. Returns a numpy array of the box's
         shape (dtypes numpy lacks come as same-width unsigned ints, see
-        ``numpy_dtype_of``). Raises CorruptCheckpointError if the pieces do not
-        cover the box.
+        ``numpy_dtype_of``). Raises CorruptCheckpointError if the stored pieces
+        do not tile the tensor.
         """
-        pieces = self.pieces(name)
-        offsets, shape = tuple(int(v) for v in offsets), tuple(int(v) for v in shape)
-        first = pieces[0]
-        if len(offsets) != len(first.global_shape) or len(shape) != len(first.global_shape):
-            raise ConfigError(f"tensor {name!r} has {len(first.global_shape)} dimensions; got "
-                              f"offsets {offsets} and shape {shape}")
-        if any(o < 0 or n < 0 or o + n > g for o, n, g in zip(offsets, shape, first.global_shape)):
-            raise ConfigError(f"box at {offsets} of shape {shape} is outside tensor {name!r} of "
-                              f"global shape {first.global_shape}")
-        np_dtype = numpy_dtype_of(first.dtype)
-        result = np.empty(shape, dtype=np_dtype)
-        covered = np.zeros(shape, dtype=bool)
-        # Replicas (the same box on several ranks, e.g. DDP) are read once; a damaged
-        # replica falls back to the next one.
-        replicas: dict[tuple, list[TensorPiece]] = {}
-        for piece in pieces:
-            replicas.setdefault((piece.offsets, piece.shape), []).append(piece)
-        for (piece_off, piece_shape), group in replicas.items():
-            hit = box_intersection(piece_off, piece_shape, offsets, shape)
-            if hit is None:
-                continue
-            lo, box_shape = hit
-            dst = tuple(slice(a - b, a - b + n) for a, b, n in zip(lo, offsets, box_shape))
-            if covered[dst].all():
-                continue
-            local = tuple(a - b for a, b in zip(lo, piece_off))
-            result[dst] = self._read_box_from_replicas(group, local, box_shape, np_dtype)
-            covered[dst] = True
-        if not covered.all():
-            raise CorruptCheckpointError(
-                f"tensor {name!r}: the stored pieces cover {int(covered.sum())} of the "
-                f"{covered.size} elements of the box at {offsets} of shape {shape}")
+        tiling = self.tiling(name)
+        offsets, shape = check_box(name, tiling.global_shape, offsets, shape)
+        result = np.empty(shape, dtype=numpy_dtype_of(tiling.dtype))
+        # The tiling guarantees the pieces it meets cover the box exactly once.
+        self._fill_box(tiling, tiling.overlapping(offsets, shape), offsets, shape, result,
+                       prefer_rank=None)
         return result
 
-    def _read_box_from_replicas(self, group: list[TensorPiece], local_off: tuple[int, ...],
+    def read_boxes_into(self, requests: list[tuple[str, Any, Any, Any]], *,
+                        prefer_rank: int | None = None) -> None:
+        """Fill each ``(name, offsets, shape, out_buffer)`` with that box of the global
+        tensor ``name``, in C order; each buffer writable, contiguous, exactly its bytes.
+
+        This is how a step is read onto another parallel layout. Where the part of a
+        stored piece that a box needs is one byte range of both (the piece itself, or a
+        dim-0 slice of it, as FSDP shards are), its chunks are read straight into the
+        buffer, except the at most two that the range cuts, which go through a chunk-sized
+        buffer; all of these are one batch of big parallel reads. Other parts (a column
+        shard, say) are assembled through a temporary copy. Only chunks that hold bytes
+        of a box are read. Of replicas (the same box on several ranks, as under DDP),
+        ``prefer_rank``'s copy is read, else the lowest rank's; if a chunk is damaged, the
+        whole request is read again part by part, each damaged part from its next replica.
+        Every chunk's crc32c is checked before this returns; on CorruptChunkError no
+        damaged byte is left in a buffer.
+        """
+        work: list[tuple[TensorPiece, memoryview, list[ChunkRef], int]] = []
+        cut: list[tuple[np.ndarray, int, int, memoryview]] = []  # (chunk copy, lo, hi, dst)
+        assembled: list[tuple[Tiling, list, tuple, tuple, np.ndarray]] = []
+        boxes: list[tuple[Tiling, tuple, tuple, np.ndarray]] = []
+        for name, offsets, shape, out_buffer in requests:
+            tiling = self.tiling(name)
+            offsets, shape = check_box(name, tiling.global_shape, offsets, shape)
+            itemsize = itemsize_of(tiling.dtype)
+            out = _box_view(name, out_buffer, box_bytes(shape, itemsize), offsets, shape)
+            if not out.nbytes:
+                continue
+            arr = np.frombuffer(out, dtype=numpy_dtype_of(tiling.dtype)).reshape(shape)
+            boxes.append((tiling, offsets, shape, arr))
+            rest = []
+            for group in tiling.overlapping(offsets, shape):
+                piece = _preferred(group[2], prefer_rank)[0]
+                if not self._plan_range(piece, group[1], offsets, shape, itemsize, out, work,
+                                        cut):
+                    rest.append(group)
+            if rest:
+                assembled.append((tiling, rest, offsets, shape, arr))
+        try:
+            self._read_chunks(work)
+        except CorruptChunkError:
+            # Read everything again part by part, each damaged part from its next replica
+            # (what was read before is simply read again).
+            for tiling, offsets, shape, arr in boxes:
+                self._fill_box(tiling, tiling.overlapping(offsets, shape), offsets, shape, arr,
+                               prefer_rank)
+            return
+        for chunk_copy, lo, hi, dst in cut:
+            dst[:] = memoryview(chunk_copy)[lo:hi]
+        for tiling, groups, offsets, shape, arr in assembled:
+            self._fill_box(tiling, groups, offsets, shape, arr, prefer_rank)
+
+    @staticmethod
+    def _plan_range(piece: TensorPiece, hit: tuple, offsets: tuple, shape: tuple,
+                    itemsize: int, out: memoryview, work: list, cut: list) -> bool:
+        """Plan the read of ``hit`` (a box of ``piece`` inside the box ``offsets``,
+        ``shape`` whose bytes are ``out``) as direct chunk reads; False when ``hit`` is not
+        one byte range of both."""
+        in_box = contiguous_span(hit, offsets, shape, itemsize)
+        in_piece = contiguous_span(hit, piece.offsets, piece.shape, itemsize)
+        if in_box is None or in_piece is None:
+            return False
+        dst = out[in_box[0]:in_box[1]]
+        lo, hi = in_piece
+        if not piece.chunks:
+            return True
+        nominal = piece.chunks[0].raw_bytes
+        whole = []
+        for chunk in piece.chunks[lo // nominal:(hi - 1) // nominal + 1]:
+            c_lo, c_hi = chunk.raw_offset, chunk.raw_offset + chunk.raw_bytes
+            if lo <= c_lo and c_hi <= hi:
+                whole.append(chunk)
+                continue
+            chunk_copy = np.empty(chunk.raw_bytes, dtype=np.uint8)  # no zeroing: it is read
+            work.append((piece, memoryview(chunk_copy), [chunk], c_lo))
+            a, b = max(lo, c_lo), min(hi, c_hi)
+            cut.append((chunk_copy, a - c_lo, b - c_lo, dst[a - lo:b - lo]))
+        if whole:
+            work.append((piece, dst, whole, lo))
+        return True
+
+    def _fill_box(self, tiling: Tiling, groups: list, offsets: tuple[int, ...],
+                  shape: tuple[int, ...], result: np.ndarray, prefer_rank: int | None) -> None:
+        """Copy into ``result`` (an array of the box's shape) the parts of the box that
+        ``groups`` (``Tiling.overlapping`` entries) hold, reading only the chunks that hold
+        them. A damaged piece falls back to its replicas; nothing of a damaged chunk
+        reaches ``result``."""
+        np_dtype = numpy_dtype_of(tiling.dtype)
+        for (piece_off, _), (lo, box_shape), pieces in groups:
+            dst = tuple(slice(a - b, a - b + n) for a, b, n in zip(lo, offsets, box_shape))
+            local = tuple(a - b for a, b in zip(lo, piece_off))
+            result[dst] = self._read_box_from_replicas(_preferred(pieces, prefer_rank), local,
+                                                       box_shape, np_dtype)
+
+    def _read_box_from_replicas(self, group: tuple[TensorPiece, ...], local_off: tuple[int, ...],
                                 box_shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
         first_error: CorruptChunkError | None = None
         for piece in group:
@@ -451,7 +540,7 @@ class StepReader:
     def _read_box(self, piece: TensorPiece, local_off: tuple[int, ...],
                   box_shape: tuple[int, ...], np_dtype: np.dtype) -> np.ndarray:
         itemsize = itemsize_of(piece.dtype)
-        starts, run_bytes = _runs(piece.shape, local_off, box_shape, itemsize)
+        starts, run_bytes = byte_runs(piece.shape, local_off, box_shape, itemsize)
         nominal = piece.chunks[0].raw_bytes if piece.chunks else 1
         first = starts // nominal
         last = (starts + run_bytes - 1) // nominal
@@ -464,7 +553,7 @@ class StepReader:
                            - np.repeat(ends - spans, spans)).tolist()
         # np.empty of a large size maps zero pages lazily: only chunks read are touched.
         buf = np.empty(piece.raw_bytes, dtype=np.uint8)
-        self._read_chunks([(piece, memoryview(buf), [piece.chunks[j] for j in needed])])
+        self._read_chunks([(piece, memoryview(buf), [piece.chunks[j] for j in needed], 0)])
         arr = buf.view(np_dtype).reshape(piece.shape)
         return arr[tuple(slice(o, o + n) for o, n in zip(local_off, box_shape))]
 

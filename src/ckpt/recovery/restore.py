@@ -8,7 +8,9 @@ Order of work (every rank calls it, in the same order, on the training thread):
    (``all_gather`` of a fixed-size int64 tensor; no pickle);
 3. newest first: try memory, then disk (each verified chunk by chunk before a byte
    reaches a live tensor); ``all_reduce(MIN)`` of the success flag, so that either
-   every rank loaded this step or all move on to the previous one;
+   every rank loaded this step or all move on to the previous one. A step written with
+   another world size or sharding is read from disk box by box onto this job's layout
+   (``ReshardSource``); memory holding another layout is passed over;
 4. set what is not a tensor (optimizer hyperparameters, scheduler, extras, RNG);
 5. with a pipeline position and no step loadable everywhere: the CheckFree tier
    (:mod:`ckpt.recovery.stage_rebuild`) rebuilds the stages that lack a step the others
@@ -28,11 +30,11 @@ from typing import Any, Mapping
 import torch
 
 from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
-                         StepNotFoundError)
+                         ShardingMismatchError, StepNotFoundError)
 from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, model_state_dict,
                              optimizer_state, set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
-from ckpt.recovery.sources import DiskSource, MemorySource, memory_candidates
+from ckpt.recovery.sources import DiskSource, MemorySource, ReshardSource, memory_candidates
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
 from ckpt.snapshot.geometry import geometries
 from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
@@ -156,11 +158,17 @@ class _Loader:
         self.live_tensors = dict(tensors)  # name -> live tensor (plain or DTensor)
         self.live = {g.name: g for g in geometries(tensors)}
 
-    def check(self, meta: Mapping[str, Any], where: str) -> None:
+    def check(self, source: Any) -> None:
         """Shape the optimizer's state like the snapshot's (each source may hold another
-        step, with state for other parameters), then check that every tensor fits."""
+        step, with state for other parameters), then check that every tensor fits.
+
+        ShardingMismatchError when names, dtypes and global shapes agree but the local
+        boxes do not (another world size or sharding): a ``ReshardSource`` reads that."""
+        meta, where = source.meta, source.where
         fit_optimizer_state(self.target.model, self.target.optimizer, meta, where)
         self._read_live()
+        if source.reshards:
+            source.retarget(self.live)
         stored = {e["name"]: e for e in meta["tensors"]
                   if e["name"].startswith(("model/", "optim/"))}
         for name, g in self.live.items():
@@ -169,14 +177,17 @@ class _Loader:
                 raise LayoutMismatchError(f"{where}: the snapshot has no tensor {name!r}, which "
                                           f"the model/optimizer has; was the model changed?")
             for what, have, want in (("dtype", g.dtype_name, e["dtype"]),
-                                     ("global shape", list(g.global_shape), e["global_shape"]),
-                                     ("local shape", list(g.shape), e["shape"]),
-                                     ("offsets", list(g.offsets), e["offsets"])):
+                                     ("global shape", list(g.global_shape), e["global_shape"])):
                 if have != want:
                     raise LayoutMismatchError(
                         f"{where}: tensor {name!r} has {what} {want} in the snapshot but {have} "
-                        f"in the model/optimizer; restore into the same model, dtype and "
-                        f"parallel layout (resharding is not supported yet)")
+                        f"in the model/optimizer; restore into the same model and dtypes "
+                        f"(the world size and sharding may differ)")
+            if list(g.shape) != e["shape"] or list(g.offsets) != e["offsets"]:
+                raise ShardingMismatchError(
+                    f"{where}: tensor {name!r} is the box at {e['offsets']} of shape "
+                    f"{e['shape']} in the snapshot, at {list(g.offsets)} of shape "
+                    f"{list(g.shape)} here (another world size or sharding)")
             # Same dtype and shape but another size: the snapshot contradicts itself. The
             # tiers copy nbytes into the live tensor's memory, so this must never pass.
             if e["nbytes"] != g.nbytes:
@@ -237,25 +248,49 @@ class _Loader:
                 raise LayoutMismatchError(f"the snapshot has no extra {name!r} (it holds "
                                           f"{sorted(state['extra'])})")
             obj.load_state_dict(state["extra"][name])
-        set_rng_state(state["rng"])
+        if source.restores_rng:
+            set_rng_state(state["rng"])
+        else:
+            log.warning("ckpt: rank %d did not exist in the %d-rank snapshot; its RNG states "
+                        "stay as this process set them (the rest comes from rank %d)",
+                        target.rank, source.meta.get("world_size", 0), source.source_rank)
         return state
 
 
 def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
                  target: RestoreTarget, engine: Any) -> tuple[Any, list[Any]] | None:
-    """Load ``step`` from memory, else disk; returns (source, tensors) or None."""
+    """Load ``step`` from memory, else disk; returns (source, tensors) or None.
+
+    A source written with another layout (ShardingMismatchError) is passed over in
+    memory and read by box from disk (``ReshardSource``), except in a pipeline job."""
     attempts: list[Any] = [("memory", c) for c in mem] + ([("disk", disk_path)] if disk_path else [])
-    for tier, what in attempts:
+    while attempts:
+        tier, what = attempts.pop(0)
         source = None
         try:
             source = (MemorySource(what, engine) if tier == "memory"
-                      else DiskSource(what, target.rank, target.world_size))
+                      else DiskSource(what, target.rank, target.world_size) if tier == "disk"
+                      else ReshardSource(what, target.rank, target.world_size))
             if source.step != step:
                 raise CkptError(f"{source.where} holds step {source.step}, expected {step}")
-            loader.check(source.meta, source.where)
+            loader.check(source)
             tensors = loader.load_tensors(source)
             log.info("ckpt: rank %d restored step %d from %s", target.rank, step, source.where)
             return source, tensors
+        except ShardingMismatchError as exc:
+            if source is not None:
+                source.close()
+            if target.pipeline is not None:
+                raise LayoutMismatchError(
+                    f"{exc}; a pipeline job restores onto the layout that wrote it (CheckFree "
+                    f"needs each stage's own state): relaunch with the same world size and "
+                    f"stage assignment") from None
+            if tier == "disk":
+                log.info("ckpt: rank %d: %s; reading it by box", target.rank, exc)
+                attempts.insert(0, ("disk by box", what))
+            else:
+                log.warning("ckpt: rank %d passes over %s: %s; the disk tier reads a "
+                            "step onto this layout", target.rank, tier, exc)
         except LayoutMismatchError:
             if source is not None:
                 source.close()
@@ -306,7 +341,7 @@ def restore(target: RestoreTarget) -> RestoreOutcome | None:
 
 
 def _tier_of(source: Any) -> str:
-    return "memory" if isinstance(source, MemorySource) else "disk"
+    return source.tier
 
 
 def _restore_agreed(target: RestoreTarget, loader: _Loader, steps: list[int],

@@ -1,4 +1,5 @@
-"""Where a snapshot can be restored from: a sealed slot in memory, or a step on disk.
+"""Where a snapshot can be restored from: a sealed slot in memory, or a step on disk
+(written with this job's layout, or read onto it by box: ``ReshardSource``).
 
 Both tiers give the same view: the snapshot ``meta`` (INTERNALS §3: tensor
 entries and the state skeleton), ``verify()`` that raises CorruptChunkError or
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from ckpt.control.paths import parse_segment_name, shm_file
-from ckpt.errors import CkptError, CorruptCheckpointError, CorruptChunkError, SlotBusyError
+from ckpt.errors import (CkptError, CorruptCheckpointError, CorruptChunkError,
+                         ShardingMismatchError, SlotBusyError)
 from ckpt.procs import pid_alive
 
 SEGMENT_HEADER_BYTES = 4096
@@ -92,6 +94,8 @@ class MemorySource:
     """A sealed slot, read-locked from ``open`` until ``close``."""
 
     tier = "memory"
+    reshards = False
+    restores_rng = True
 
     def __init__(self, candidate: MemoryCandidate, engine: Any) -> None:
         from ckpt import _C
@@ -228,50 +232,36 @@ def _runs_by_kind(layout: Any, dst_addrs: dict[int, int]) -> list[tuple[bool, li
     return runs
 
 
-class DiskSource:
-    """One rank of a complete step on disk; ``verify`` reads (and crc-checks) every chunk."""
+class _DiskSourceBase:
+    """What both disk sources share: the step's reader, and host buffers (one arena) for
+    the tensors that are not read straight into live memory."""
 
     tier = "disk"
+    reshards = False      # True: entries are retargeted to the live layout before a load
+    restores_rng = True   # False: this rank did not exist in the step; its RNG stays as is
 
-    def __init__(self, step_path: Path, rank: int, world_size: int) -> None:
+    _ALIGN_BYTES = 4096
+
+    def __init__(self, step_path: Path) -> None:
         from ckpt.format import StepReader
 
         self.where = f"disk {step_path}"
         self._reader = StepReader(step_path)
-        if self._reader.world_size != world_size:
-            self._reader.close()
-            raise CorruptCheckpointError(
-                f"{step_path} was written by {self._reader.world_size} ranks, this job has "
-                f"{world_size}; resharding to another world size is not supported yet")
-        self.rank = rank
-        self.meta = dict(self._reader.meta(rank))
-        self.meta["state"] = self._reader.state_skeleton(rank)
-        # The table is the source of truth on disk (pieces in payload order).
-        self.meta["tensors"] = [
-            {"name": p.name, "dtype": p.dtype, "shape": list(p.shape),
-             "global_shape": list(p.global_shape), "offsets": list(p.offsets),
-             "nbytes": p.raw_bytes}
-            for p in self._reader.tensors() if p.rank == rank]
-        self.step = int(self.meta["step"])
         self.verified = False
         self._buffers: list[torch.Tensor | None] = []
 
     def verify(self) -> None:
-        """Read every chunk of this rank (big reads, several threads, crc32c checked before
-        this returns) into one host arena; CorruptChunkError names the first damaged chunk."""
+        """Read every chunk this rank needs (big reads, several threads, crc32c checked
+        before this returns) into one host arena; CorruptChunkError names the first
+        damaged chunk."""
         self.load_verified({})
 
-    def load_verified(self, dst_addrs: dict[int, int]) -> None:
-        """Like ``MemorySource.load_verified``: read tensor ``i`` straight into the host
-        memory at ``dst_addrs[i]`` (``nbytes`` writable bytes), every other tensor into an
-        arena for ``tensor_bytes``; every chunk's crc32c is checked before this returns.
-        On CorruptChunkError the damaged chunks' bytes are zeroed wherever they landed;
-        what was written holds verified bytes of this step. ``tensor_bytes(i)`` is not
-        available for the tensors of ``dst_addrs``."""
+    def _outputs(self, dst_addrs: dict[int, int]) -> list[Any]:
+        """A writable buffer per tensor entry: the live memory at ``dst_addrs[i]``, else a
+        slice of a fresh arena (kept for ``tensor_bytes``); None for empty tensors."""
         import ctypes
 
-        entries = self.meta["tensors"]
-        sizes = [int(e["nbytes"]) for e in entries]
+        sizes = [int(e["nbytes"]) for e in self.meta["tensors"]]
         offsets, total = [], 0
         for i, n in enumerate(sizes):
             offsets.append(total)
@@ -279,24 +269,23 @@ class DiskSource:
                 total += -(-n // self._ALIGN_BYTES) * self._ALIGN_BYTES
         arena = self._arena(total)
         buffers: list[torch.Tensor | None] = []
-        requests = []
-        for i, (e, n, off) in enumerate(zip(entries, sizes, offsets)):
+        outs: list[Any] = []
+        for i, (n, off) in enumerate(zip(sizes, offsets)):
             if i in dst_addrs:
                 buffers.append(None)
-                if n:
-                    requests.append((e["name"], (ctypes.c_ubyte * n).from_address(dst_addrs[i])))
+                outs.append((ctypes.c_ubyte * n).from_address(dst_addrs[i]) if n else None)
                 continue
             buf = (torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=off) if n
                    else torch.empty(0, dtype=torch.uint8))
             buffers.append(buf)
-            if n:
-                requests.append((e["name"], buf.numpy()))
+            outs.append(buf.numpy() if n else None)
         self._buffers = []
-        self._reader.read_tensors_into(self.rank, requests)
-        self._buffers = buffers  # type: ignore[assignment]
-        self.verified = True
+        self._pending = buffers
+        return outs
 
-    _ALIGN_BYTES = 4096
+    def _loaded(self) -> None:
+        self._buffers, self._pending = self._pending, []  # type: ignore[assignment]
+        self.verified = True
 
     @staticmethod
     def _arena(nbytes: int) -> Any:
@@ -328,3 +317,110 @@ class DiskSource:
     def close(self) -> None:
         self._buffers = []
         self._reader.close()
+
+
+class DiskSource(_DiskSourceBase):
+    """One rank of a complete step on disk, written by a job of this world size; ``verify``
+    reads (and crc-checks) every chunk. ShardingMismatchError when the step has another
+    world size (``ReshardSource`` reads it)."""
+
+    def __init__(self, step_path: Path, rank: int, world_size: int) -> None:
+        super().__init__(step_path)
+        if self._reader.world_size != world_size:
+            self._reader.close()
+            raise ShardingMismatchError(
+                f"{step_path} was written by {self._reader.world_size} ranks, this job has "
+                f"{world_size}")
+        self.rank = rank
+        self.meta = dict(self._reader.meta(rank))
+        self.meta["state"] = self._reader.state_skeleton(rank)
+        # The table is the source of truth on disk (pieces in payload order).
+        self.meta["tensors"] = [
+            {"name": p.name, "dtype": p.dtype, "shape": list(p.shape),
+             "global_shape": list(p.global_shape), "offsets": list(p.offsets),
+             "nbytes": p.raw_bytes}
+            for p in self._reader.tensors() if p.rank == rank]
+        self.step = int(self.meta["step"])
+
+    def load_verified(self, dst_addrs: dict[int, int]) -> None:
+        """Like ``MemorySource.load_verified``: read tensor ``i`` straight into the host
+        memory at ``dst_addrs[i]`` (``nbytes`` writable bytes), every other tensor into an
+        arena for ``tensor_bytes``; every chunk's crc32c is checked before this returns.
+        On CorruptChunkError the damaged chunks' bytes are zeroed wherever they landed;
+        what was written holds verified bytes of this step. ``tensor_bytes(i)`` is not
+        available for the tensors of ``dst_addrs``."""
+        outs = self._outputs(dst_addrs)
+        requests = [(e["name"], out) for e, out in zip(self.meta["tensors"], outs)
+                    if out is not None]
+        self._reader.read_tensors_into(self.rank, requests)
+        self._loaded()
+
+
+def is_sharded_state(name: str) -> bool:
+    """Model and optimizer tensors are one global tensor across ranks (read by box when
+    resharding); the rest (RNG, scheduler, extras) is per rank."""
+    return name.startswith(("model/", "optim/"))
+
+
+class ReshardSource(_DiskSourceBase):
+    """A complete step on disk read onto this job's layout: another world size, or another
+    sharding of the same tensors (DDP <-> FSDP2, another mesh). ``retarget`` gives each
+    model/optimizer entry the live tensor's box; ``load_verified`` assembles each box from
+    whichever ranks' pieces hold it (``StepReader.read_boxes_into``), reading only the
+    chunks that hold its bytes.
+
+    What is per rank (optimizer scalars, scheduler, extras, RNG) comes from one stored
+    rank, ``source_rank``: this rank where it existed, else this rank modulo the stored
+    world size. RNG states are restored only on ranks that existed (``restores_rng``)."""
+
+    reshards = True
+
+    def __init__(self, step_path: Path, rank: int, world_size: int) -> None:
+        from ckpt.format.boxes import box_bytes
+        from ckpt.snapshot.layout import itemsize_of
+
+        super().__init__(step_path)
+        stored_world = self._reader.world_size
+        self.source_rank = rank % stored_world
+        self.restores_rng = rank < stored_world
+        self.where = (f"disk {step_path} (written by {stored_world} rank(s), read onto "
+                      f"{world_size} by box)")
+        self.meta = dict(self._reader.meta(self.source_rank))
+        self.meta["state"] = self._reader.state_skeleton(self.source_rank)
+        # Until retarget(): model/optimizer tensors described whole, so that the optimizer
+        # state is shaped by the live parameters, not by the stored shards.
+        self.meta["tensors"] = [
+            {"name": p.name, "dtype": p.dtype, "global_shape": list(p.global_shape),
+             **({"shape": list(p.global_shape), "offsets": [0] * len(p.global_shape),
+                 "nbytes": box_bytes(p.global_shape, itemsize_of(p.dtype))} if is_sharded_state(p.name) else
+                {"shape": list(p.shape), "offsets": list(p.offsets), "nbytes": p.raw_bytes})}
+            for p in self._reader.rank_pieces(self.source_rank)]
+        self.step = int(self.meta["step"])
+
+    def retarget(self, live: dict[str, Any]) -> None:
+        """Give every model/optimizer entry the box of its live tensor (a TensorGeometry)
+        where the dtype and global shape agree; others stay as stored, for the loader's
+        check to name what differs."""
+        for e in self.meta["tensors"]:
+            g = live.get(e["name"])
+            if (g is None or not is_sharded_state(e["name"]) or g.dtype_name != e["dtype"]
+                    or list(g.global_shape) != e["global_shape"]):
+                continue
+            e["shape"], e["offsets"], e["nbytes"] = list(g.shape), list(g.offsets), g.nbytes
+
+    def load_verified(self, dst_addrs: dict[int, int]) -> None:
+        """As ``DiskSource.load_verified``, each model/optimizer tensor's box assembled from
+        the ranks that hold it; per-rank tensors from ``source_rank``. Every chunk's crc32c
+        is checked before this returns; nothing of a damaged chunk is left anywhere."""
+        outs = self._outputs(dst_addrs)
+        boxes, own = [], []
+        for e, out in zip(self.meta["tensors"], outs):
+            if out is None:
+                continue
+            if is_sharded_state(e["name"]):
+                boxes.append((e["name"], e["offsets"], e["shape"], out))
+            else:
+                own.append((e["name"], out))
+        self._reader.read_boxes_into(boxes, prefer_rank=self.source_rank)
+        self._reader.read_tensors_into(self.source_rank, own)
+        self._loaded()
