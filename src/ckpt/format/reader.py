@@ -44,6 +44,25 @@ def _zeros(nbytes: int) -> bytes:
     return _ZEROS[:nbytes] if nbytes <= len(_ZEROS) else bytes(nbytes)
 
 
+def _batches(segments: list[tuple[Any, Any, list[ChunkRef], int]], tasks: int
+             ) -> list[list[tuple[Any, Any, list[ChunkRef], int]]]:
+    """``segments`` in order, cut into about ``tasks`` runs of similar stored size (each
+    segment alone when there are no more than ``tasks``)."""
+    if len(segments) <= tasks:
+        return [[seg] for seg in segments]
+    sizes = [sum(c.stored_bytes for c in seg[2]) for seg in segments]
+    target = max(1, sum(sizes) // tasks)
+    out: list[list[tuple[Any, Any, list[ChunkRef], int]]] = [[]]
+    run_bytes = 0
+    for seg, size in zip(segments, sizes):
+        if out[-1] and run_bytes + size > target:
+            out.append([])
+            run_bytes = 0
+        out[-1].append(seg)
+        run_bytes += size
+    return out
+
+
 def _box_view(name: str, out_buffer: Any, nbytes: int, offsets: tuple, shape: tuple
               ) -> memoryview:
     """``out_buffer`` as a byte view; ConfigError unless writable, contiguous, ``nbytes``."""
@@ -369,7 +388,10 @@ class StepReader:
                 self._read_segment(*seg)
             return
         pool = self._pool()
-        futures = [pool.submit(self._read_segment, *seg) for seg in segments]
+        # Thousands of small tensors make thousands of segments: a pool task each would
+        # cost more than the reads (~50 us per submit), so runs of them go as one task.
+        futures = [pool.submit(self._read_segments, batch)
+                   for batch in _batches(segments, 4 * self.read_threads)]
         try:
             for fut in futures:
                 fut.result()
@@ -378,6 +400,11 @@ class StepReader:
             for fut in futures:
                 fut.cancel()
             wait(futures)
+
+    def _read_segments(self, batch: list[tuple[TensorPiece, memoryview, list[ChunkRef], int]]
+                       ) -> None:
+        for seg in batch:
+            self._read_segment(*seg)
 
     def _read_segment(self, piece: TensorPiece, out: memoryview, chunks: list[ChunkRef],
                       raw_base: int = 0) -> None:
