@@ -10,17 +10,21 @@ process.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import flip_byte, load_npz, records_of, run_torchrun, run_worker, worker_args
+from harness import (child_env, flip_byte, load_npz, records_of, run_torchrun, run_worker,
+                     worker_args)
 
 from ckpt.cli.demo_model import compare_arrays
 from ckpt.format import StepReader
 
 WRITER_STEPS = 8     # persists steps 0, 4 and 7 (close() persists the last)
 READER_STEPS = 11    # restores step 7, trains 8..10, persists step 10
+TP_WORKER = str(Path(__file__).with_name("tp_worker.py"))
 
 
 def _launch(layout: tuple[str, int], args: list[str]) -> tuple[list[dict], str]:
@@ -89,3 +93,29 @@ def test_a_damaged_shard_makes_a_reshard_fall_back_to_the_previous_step(run_dir)
     stderr = log.stderr  # type: ignore[attr-defined]
     assert log.start() == 5, stderr[-3000:]  # step 4, the one before the damaged step 7
     assert "rank-00001.data" in stderr and "step 7" in stderr, stderr[-3000:]
+
+
+def _tp_run(run_dir: Path, *, nproc: int, out: Path, tp: bool) -> tuple[list[dict], str]:
+    args = [TP_WORKER, "--dir", str(run_dir / "checkpoints"), "--job", run_dir.name,
+            "--socket", str(run_dir / "daemon.sock"), "--steps", "4", "--out", str(out),
+            *(["--tp"] if tp else [])]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}", "--max-restarts=0"] if nproc > 1
+                else [sys.executable])
+    proc = subprocess.run(launcher + args, capture_output=True, text=True, timeout=240,
+                          env=child_env())
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return records_of(proc.stdout), proc.stderr
+
+
+def test_tensor_parallel_column_shards_restore_bit_exactly_onto_one_process(run_dir):
+    _tp_run(run_dir, nproc=2, out=run_dir / "tp.npz", tp=True)
+    with StepReader(run_dir / "checkpoints" / "step-00000003") as step:
+        # RowwiseParallel stores fc2.weight as two column blocks: no piece is a byte range
+        # of the whole tensor, so the restore assembles every row from both.
+        assert sorted(p.offsets for p in step.pieces("model/fc2.weight")) == [(0, 0), (0, 20)]
+    records, stderr = _tp_run(run_dir, nproc=1, out=run_dir / "plain.npz", tp=False)
+    assert [r["start"] for r in records if r["event"] == "restored"] == [4], stderr[-3000:]
+    assert "read onto" in stderr, stderr[-3000:]
+    diffs = compare_arrays(load_npz(run_dir / "tp.npz"), load_npz(run_dir / "plain.npz"))
+    assert diffs == [], f"restored state differs in {diffs}"
