@@ -76,8 +76,10 @@ def test_a_step_restores_bit_exactly_onto_another_layout_and_training_goes_on(
     # Training went on in the new layout, and its snapshots are of that layout.
     assert sorted(r["step"] for r in records if r["event"] == "step" and r["rank"] == 0) \
         == list(range(WRITER_STEPS, READER_STEPS))
-    with StepReader(run_dir / "checkpoints" / f"step-{READER_STEPS - 1:08d}") as step:
-        assert step.world_size == reader[1]
+    # Its periodic persist (step 8) and the one at close (step 10) are of that layout.
+    for persisted in (8, READER_STEPS - 1):
+        with StepReader(run_dir / "checkpoints" / f"step-{persisted:08d}") as step:
+            assert step.world_size == reader[1]
 
 
 def test_a_damaged_shard_makes_a_reshard_fall_back_to_the_previous_step(run_dir):

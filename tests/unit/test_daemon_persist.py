@@ -296,6 +296,61 @@ def test_ranks_of_one_job_on_this_node_go_into_one_step_dir(daemon, job, tmp_pat
         t.close()
 
 
+def test_a_persist_step_waits_for_every_rank_of_this_node_to_register(daemon, job, tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    first = Trainer(client, job, rank=0, world_size=2, persist_dir=out, persist_every=2,
+                    local_world_size=2)
+    # Rank 1 registers late (its segment is still being created): rank 0's seal of the
+    # persist step must wait for it, not go to disk alone and leave the step incomplete.
+    assert first.snapshot(2, make_payload(2, 0, 2, job)) is False
+    late = Trainer(client, job, rank=1, world_size=2, persist_dir=out, persist_every=2,
+                   local_world_size=2)
+    assert late.snapshot(2, make_payload(2, 1, 2, job)) is True
+    wait_until(lambda: complete_steps(out) == [2], what="step 2 of both ranks on disk")
+    manifest = json.loads((out / "step-00000002" / "manifest.json").read_text())
+    assert sorted(manifest["ranks"]) == ["0", "1"]
+    for t in (first, late):
+        t.close()
+
+
+def test_local_world_size_comes_from_torchrun_only_for_its_whole_world(monkeypatch):
+    from ckpt.hook.daemon_link import local_world_size
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert local_world_size(1) == 1
+    assert local_world_size(4) == 0  # not torchrun: not known
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_world_size(8) == 4
+    assert local_world_size(2) == 0  # a subgroup of the world: its local share is not known
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "many")
+    assert local_world_size(8) == 0
+
+
+def test_a_job_relaunched_on_fewer_ranks_persists_without_its_old_ranks(daemon, job,
+                                                                        tmp_path):
+    _, client = daemon
+    out = tmp_path / "ckpts"
+    old = [Trainer(client, job, rank=r, world_size=2, persist_dir=out, persist_every=2)
+           for r in (0, 1)]
+    for t in old:
+        t.snapshot(2, make_payload(2, t.rank, 2, job))
+    wait_until(lambda: complete_steps(out) == [2], what="step 2 of the 2-rank job on disk")
+    for t in old:
+        t.close()
+    # Relaunched on one rank (a restore read step 2 onto it): rank 1's segment stays in
+    # the daemon, but is no part of the job any more.
+    new = Trainer(client, job, rank=0, world_size=1, persist_dir=out, persist_every=2)
+    assert new.snapshot(4, make_payload(4, 0, 1, job)) is True
+    wait_until(lambda: complete_steps(out) == [2, 4], what="step 4 of the 1-rank job on disk")
+    manifest = json.loads((out / "step-00000004" / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and sorted(manifest["ranks"]) == ["0"]
+    assert client.persist(job, step=-1, wait=True).step == 4  # every rank "held here": rank 0
+    new.close()
+
+
 def test_ranks_on_two_nodes_persist_every_step_through_their_own_daemons(tmp_path, job,
                                                                           slow_disk):
     # Two daemons stand for two nodes; each holds one rank of a 2-rank job. Each writes its

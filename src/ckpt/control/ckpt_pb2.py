@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nckpt.proto\x12\x07\x63kpt.v1\"\xb0\x01\n\x0fRegisterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpersist_dir\x18\x06 \x01(\t\x12\x15\n\rpersist_every\x18\x07 \x01(\x05\x12\x0c\n\x04keep\x18\x08 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\x04\"^\n\rRegisterReply\x12\x14\n\x0csegment_name\x18\x01 \x01(\t\x12\x12\n\nslot_bytes\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x0f\n\x07\x65xisted\x18\x04 \x01(\x08\"S\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"(\n\x0b\x43ommitReply\x12\x19\n\x11persist_scheduled\x18\x01 \x01(\x08\"\x89\x01\n\x08SlotStep\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpayload_crc\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x05\"*\n\rLatestRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"X\n\x0bLatestReply\x12 \n\x05slots\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.SlotStep\x12\x12\n\ndisk_steps\x18\x02 \x03(\x03\x12\x13\n\x0bpersist_dir\x18\x03 \x01(\t\"7\n\x0c\x46\x65tchRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"a\n\nFetchChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bpayload_crc\x18\x04 \x01(\r\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"m\n\x0ePersistRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\tall_ranks\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\"9\n\x0cPersistReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\xa5\x03\n\rSegmentStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x05\x12\x14\n\x0csegment_name\x18\x05 \x01(\t\x12\x11\n\towner_pid\x18\x06 \x01(\x03\x12\x13\n\x0bowner_alive\x18\x07 \x01(\x08\x12 \n\x05slots\x18\x08 \x03(\x0b\x32\x11.ckpt.v1.SlotStep\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x12\n\nslot_bytes\x18\n \x01(\x04\x12\x1b\n\x13last_persisted_step\x18\x0b \x01(\x03\x12\x15\n\rpersist_queue\x18\x0c \x01(\x05\x12\x0e\n\x06\x65rrors\x18\r \x03(\t\x12\x13\n\x0bpersist_dir\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64opted\x18\x0f \x01(\x08\x12\x10\n\x08released\x18\x10 \x01(\x08\x12\x14\n\x0cpersist_step\x18\x11 \x01(\x03\x12\x1a\n\x12persist_done_bytes\x18\x12 \x01(\x04\x12\x1b\n\x13persist_total_bytes\x18\x13 \x01(\x04\"\x8c\x01\n\x0bStatusReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12(\n\x08segments\x18\x04 \x03(\x0b\x32\x16.ckpt.v1.SegmentStatus\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\"\x1d\n\x0eReleaseRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"1\n\x0cReleaseReply\x12\x10\n\x08unlinked\x18\x01 \x03(\t\x12\x0f\n\x07pending\x18\x02 \x03(\t2\xa3\x03\n\x0eSnapshotDaemon\x12<\n\x08Register\x12\x18.ckpt.v1.RegisterRequest\x1a\x16.ckpt.v1.RegisterReply\x12\x36\n\x06\x43ommit\x12\x16.ckpt.v1.CommitRequest\x1a\x14.ckpt.v1.CommitReply\x12\x36\n\x06Latest\x12\x16.ckpt.v1.LatestRequest\x1a\x14.ckpt.v1.LatestReply\x12\x35\n\x05\x46\x65tch\x12\x15.ckpt.v1.FetchRequest\x1a\x13.ckpt.v1.FetchChunk0\x01\x12\x39\n\x07Persist\x12\x17.ckpt.v1.PersistRequest\x1a\x15.ckpt.v1.PersistReply\x12\x36\n\x06Status\x12\x16.ckpt.v1.StatusRequest\x1a\x14.ckpt.v1.StatusReply\x12\x39\n\x07Release\x12\x17.ckpt.v1.ReleaseRequest\x1a\x15.ckpt.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\nckpt.proto\x12\x07\x63kpt.v1\"\xca\x01\n\x0fRegisterRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x12\n\nslot_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpersist_dir\x18\x06 \x01(\t\x12\x15\n\rpersist_every\x18\x07 \x01(\x05\x12\x0c\n\x04keep\x18\x08 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\t \x01(\x04\x12\x18\n\x10local_world_size\x18\n \x01(\x05\"^\n\rRegisterReply\x12\x14\n\x0csegment_name\x18\x01 \x01(\t\x12\x12\n\nslot_bytes\x18\x02 \x01(\x04\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x0f\n\x07\x65xisted\x18\x04 \x01(\x08\"S\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04slot\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"(\n\x0b\x43ommitReply\x12\x19\n\x11persist_scheduled\x18\x01 \x01(\x08\"\x89\x01\n\x08SlotStep\x12\x0c\n\x04slot\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x14\n\x0csegment_name\x18\x04 \x01(\t\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bpayload_crc\x18\x06 \x01(\r\x12\x12\n\ngeneration\x18\x07 \x01(\x05\"*\n\rLatestRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\"X\n\x0bLatestReply\x12 \n\x05slots\x18\x01 \x03(\x0b\x32\x11.ckpt.v1.SlotStep\x12\x12\n\ndisk_steps\x18\x02 \x03(\x03\x12\x13\n\x0bpersist_dir\x18\x03 \x01(\t\"7\n\x0c\x46\x65tchRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\"a\n\nFetchChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bpayload_crc\x18\x04 \x01(\r\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"m\n\x0ePersistRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\tall_ranks\x18\x03 \x01(\x08\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0c\n\x04wait\x18\x05 \x01(\x08\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\"9\n\x0cPersistReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\xa5\x03\n\rSegmentStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\ngeneration\x18\x04 \x01(\x05\x12\x14\n\x0csegment_name\x18\x05 \x01(\t\x12\x11\n\towner_pid\x18\x06 \x01(\x03\x12\x13\n\x0bowner_alive\x18\x07 \x01(\x08\x12 \n\x05slots\x18\x08 \x03(\x0b\x32\x11.ckpt.v1.SlotStep\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x12\n\nslot_bytes\x18\n \x01(\x04\x12\x1b\n\x13last_persisted_step\x18\x0b \x01(\x03\x12\x15\n\rpersist_queue\x18\x0c \x01(\x05\x12\x0e\n\x06\x65rrors\x18\r \x03(\t\x12\x13\n\x0bpersist_dir\x18\x0e \x01(\t\x12\x0f\n\x07\x61\x64opted\x18\x0f \x01(\x08\x12\x10\n\x08released\x18\x10 \x01(\x08\x12\x14\n\x0cpersist_step\x18\x11 \x01(\x03\x12\x1a\n\x12persist_done_bytes\x18\x12 \x01(\x04\x12\x1b\n\x13persist_total_bytes\x18\x13 \x01(\x04\"\x8c\x01\n\x0bStatusReply\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12(\n\x08segments\x18\x04 \x03(\x0b\x32\x16.ckpt.v1.SegmentStatus\x12\x0e\n\x06\x65rrors\x18\x05 \x03(\t\x12\x13\n\x0bsocket_path\x18\x06 \x01(\t\"\x1d\n\x0eReleaseRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"1\n\x0cReleaseReply\x12\x10\n\x08unlinked\x18\x01 \x03(\t\x12\x0f\n\x07pending\x18\x02 \x03(\t2\xa3\x03\n\x0eSnapshotDaemon\x12<\n\x08Register\x12\x18.ckpt.v1.RegisterRequest\x1a\x16.ckpt.v1.RegisterReply\x12\x36\n\x06\x43ommit\x12\x16.ckpt.v1.CommitRequest\x1a\x14.ckpt.v1.CommitReply\x12\x36\n\x06Latest\x12\x16.ckpt.v1.LatestRequest\x1a\x14.ckpt.v1.LatestReply\x12\x35\n\x05\x46\x65tch\x12\x15.ckpt.v1.FetchRequest\x1a\x13.ckpt.v1.FetchChunk0\x01\x12\x39\n\x07Persist\x12\x17.ckpt.v1.PersistRequest\x1a\x15.ckpt.v1.PersistReply\x12\x36\n\x06Status\x12\x16.ckpt.v1.StatusRequest\x1a\x14.ckpt.v1.StatusReply\x12\x39\n\x07Release\x12\x17.ckpt.v1.ReleaseRequest\x1a\x15.ckpt.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ckpt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=24
-  _globals['_REGISTERREQUEST']._serialized_end=200
-  _globals['_REGISTERREPLY']._serialized_start=202
-  _globals['_REGISTERREPLY']._serialized_end=296
-  _globals['_COMMITREQUEST']._serialized_start=298
-  _globals['_COMMITREQUEST']._serialized_end=381
-  _globals['_COMMITREPLY']._serialized_start=383
-  _globals['_COMMITREPLY']._serialized_end=423
-  _globals['_SLOTSTEP']._serialized_start=426
-  _globals['_SLOTSTEP']._serialized_end=563
-  _globals['_LATESTREQUEST']._serialized_start=565
-  _globals['_LATESTREQUEST']._serialized_end=607
-  _globals['_LATESTREPLY']._serialized_start=609
-  _globals['_LATESTREPLY']._serialized_end=697
-  _globals['_FETCHREQUEST']._serialized_start=699
-  _globals['_FETCHREQUEST']._serialized_end=754
-  _globals['_FETCHCHUNK']._serialized_start=756
-  _globals['_FETCHCHUNK']._serialized_end=853
-  _globals['_PERSISTREQUEST']._serialized_start=855
-  _globals['_PERSISTREQUEST']._serialized_end=964
-  _globals['_PERSISTREPLY']._serialized_start=966
-  _globals['_PERSISTREPLY']._serialized_end=1023
-  _globals['_STATUSREQUEST']._serialized_start=1025
-  _globals['_STATUSREQUEST']._serialized_end=1040
-  _globals['_SEGMENTSTATUS']._serialized_start=1043
-  _globals['_SEGMENTSTATUS']._serialized_end=1464
-  _globals['_STATUSREPLY']._serialized_start=1467
-  _globals['_STATUSREPLY']._serialized_end=1607
-  _globals['_RELEASEREQUEST']._serialized_start=1609
-  _globals['_RELEASEREQUEST']._serialized_end=1638
-  _globals['_RELEASEREPLY']._serialized_start=1640
-  _globals['_RELEASEREPLY']._serialized_end=1689
-  _globals['_SNAPSHOTDAEMON']._serialized_start=1692
-  _globals['_SNAPSHOTDAEMON']._serialized_end=2111
+  _globals['_REGISTERREQUEST']._serialized_end=226
+  _globals['_REGISTERREPLY']._serialized_start=228
+  _globals['_REGISTERREPLY']._serialized_end=322
+  _globals['_COMMITREQUEST']._serialized_start=324
+  _globals['_COMMITREQUEST']._serialized_end=407
+  _globals['_COMMITREPLY']._serialized_start=409
+  _globals['_COMMITREPLY']._serialized_end=449
+  _globals['_SLOTSTEP']._serialized_start=452
+  _globals['_SLOTSTEP']._serialized_end=589
+  _globals['_LATESTREQUEST']._serialized_start=591
+  _globals['_LATESTREQUEST']._serialized_end=633
+  _globals['_LATESTREPLY']._serialized_start=635
+  _globals['_LATESTREPLY']._serialized_end=723
+  _globals['_FETCHREQUEST']._serialized_start=725
+  _globals['_FETCHREQUEST']._serialized_end=780
+  _globals['_FETCHCHUNK']._serialized_start=782
+  _globals['_FETCHCHUNK']._serialized_end=879
+  _globals['_PERSISTREQUEST']._serialized_start=881
+  _globals['_PERSISTREQUEST']._serialized_end=990
+  _globals['_PERSISTREPLY']._serialized_start=992
+  _globals['_PERSISTREPLY']._serialized_end=1049
+  _globals['_STATUSREQUEST']._serialized_start=1051
+  _globals['_STATUSREQUEST']._serialized_end=1066
+  _globals['_SEGMENTSTATUS']._serialized_start=1069
+  _globals['_SEGMENTSTATUS']._serialized_end=1490
+  _globals['_STATUSREPLY']._serialized_start=1493
+  _globals['_STATUSREPLY']._serialized_end=1633
+  _globals['_RELEASEREQUEST']._serialized_start=1635
+  _globals['_RELEASEREQUEST']._serialized_end=1664
+  _globals['_RELEASEREPLY']._serialized_start=1666
+  _globals['_RELEASEREPLY']._serialized_end=1715
+  _globals['_SNAPSHOTDAEMON']._serialized_start=1718
+  _globals['_SNAPSHOTDAEMON']._serialized_end=2137
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "pid", "slot_bytes", "persist_dir", "persist_every", "keep", "chunk_bytes")
+    __slots__ = ("job", "rank", "world_size", "pid", "slot_bytes", "persist_dir", "persist_every", "keep", "chunk_bytes", "local_world_size")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class RegisterRequest(_message.Message):
     PERSIST_EVERY_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -26,7 +27,8 @@ class RegisterRequest(_message.Message):
     persist_every: int
     keep: int
     chunk_bytes: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., persist_dir: _Optional[str] = ..., persist_every: _Optional[int] = ..., keep: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    local_world_size: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., persist_dir: _Optional[str] = ..., persist_every: _Optional[int] = ..., keep: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., local_world_size: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("segment_name", "slot_bytes", "generation", "existed")

@@ -143,15 +143,20 @@ class DaemonClient:
 
     def register(self, job: str, rank: int, world_size: int, pid: int, slot_bytes: int,
                  persist_dir: str | Path | None = None, persist_every: int = 0, keep: int = 0,
-                 chunk_bytes: int = 0, timeout_s: float | None = None) -> Registration:
+                 chunk_bytes: int = 0, local_world_size: int = 0,
+                 timeout_s: float | None = None) -> Registration:
         """Get (job, rank)'s segment: existing if big enough, else a new one or generation.
+
+        ``local_world_size``: how many ranks of the job run on this node (0: not known);
+        the daemon schedules a periodic persist only once that many have registered.
 
         A new segment is created and pre-faulted inside the call: give big ones a longer
         ``timeout_s`` (default: the client's)."""
         r = self._call("Register", pb.RegisterRequest(
             job=job, rank=rank, world_size=world_size, pid=pid, slot_bytes=slot_bytes,
             persist_dir=str(persist_dir) if persist_dir else "", persist_every=persist_every,
-            keep=keep, chunk_bytes=chunk_bytes), timeout_s=timeout_s)
+            keep=keep, chunk_bytes=chunk_bytes, local_world_size=local_world_size),
+            timeout_s=timeout_s)
         return Registration(r.segment_name, r.slot_bytes, r.generation, r.existed)
 
     def commit(self, job: str, rank: int, slot: int, step: int, seq: int) -> bool:

@@ -58,7 +58,8 @@ class SnapshotDaemonServicer(pb_grpc.SnapshotDaemonServicer):
     def Register(self, request, context):
         entry, existed = self._core.register(
             request.job, request.rank, request.world_size, request.pid, request.slot_bytes,
-            request.persist_dir, request.persist_every, request.keep, request.chunk_bytes)
+            request.persist_dir, request.persist_every, request.keep, request.chunk_bytes,
+            request.local_world_size)
         return pb.RegisterReply(segment_name=entry.name, slot_bytes=entry.slot_bytes,
                                 generation=entry.generation, existed=existed)
 

@@ -59,6 +59,7 @@ class JobConfig:
     persist_every: int = 0
     keep: int = 0
     chunk_bytes: int = 0
+    local_world_size: int = 0  # ranks of the job on this node; 0 = not known
 
 
 @dataclass(eq=False)
@@ -112,6 +113,9 @@ class SegmentRegistry:
         self._shm_dir = shm_dir
         self._lock = threading.RLock()
         self._by_key: dict[tuple[str, int], list[SegmentEntry]] = {}
+        # The world size of each job's newest Register: a job relaunched on fewer ranks
+        # leaves the segments of its old ranks >= that size here, which are no part of it.
+        self._world_size: dict[str, int] = {}
         self._pins: dict[tuple[str, int], int] = {}
         self._pid = os.getpid()
         self.problems: collections.deque = collections.deque(maxlen=MAX_ERRORS_KEPT)
@@ -134,10 +138,15 @@ class SegmentRegistry:
         return self.generations(job, rank)[-1]
 
     def job_entries(self, job: str) -> list[SegmentEntry]:
-        """The current generation of every rank of ``job`` held here, by rank."""
+        """The current generation of every rank of ``job`` held here, by rank: the ranks
+        below the world size of the job's newest Register (before any, since a restart of
+        the daemon, the smallest world size its sidecars record)."""
         with self._lock:
             keys = sorted(k for k in self._by_key if k[0] == job)
-            return [self._by_key[k][-1] for k in keys]
+            world = self._world_size.get(job)
+            if world is None and keys:
+                world = min(self._by_key[k][-1].config.world_size for k in keys)
+            return [self._by_key[k][-1] for k in keys if world is None or k[1] < world]
 
     def find_step(self, job: str, rank: int, step: int) -> tuple[SegmentEntry, int, dict]:
         """The (entry, slot, slot_info) holding a sealed ``step`` of (job, rank), newest first."""
@@ -160,6 +169,7 @@ class SegmentRegistry:
             raise ConfigError(f"slot_bytes must be > 0, got {slot_bytes}")
         slot_bytes = -(-slot_bytes // PAGE_BYTES) * PAGE_BYTES
         with self._lock:
+            self._world_size[job] = config.world_size
             gens = self._by_key.get((job, rank), [])
             if gens and gens[-1].slot_bytes >= slot_bytes:
                 entry = gens[-1]
@@ -353,7 +363,8 @@ class SegmentRegistry:
         data = {"job": entry.job, "rank": entry.rank, "generation": entry.generation,
                 "owner_pid": entry.owner_pid, "world_size": c.world_size,
                 "persist_dir": c.persist_dir, "persist_every": c.persist_every, "keep": c.keep,
-                "chunk_bytes": c.chunk_bytes, "last_persisted_step": entry.last_persisted_step,
+                "chunk_bytes": c.chunk_bytes, "local_world_size": c.local_world_size,
+                "last_persisted_step": entry.last_persisted_step,
                 "released": entry.released}
         path = self._sidecar(entry)
         tmp = path.with_suffix(".tmp")
@@ -371,7 +382,8 @@ class SegmentRegistry:
                                      persist_dir=str(data["persist_dir"]),
                                      persist_every=int(data["persist_every"]),
                                      keep=int(data["keep"]),
-                                     chunk_bytes=int(data["chunk_bytes"]))
+                                     chunk_bytes=int(data["chunk_bytes"]),
+                                     local_world_size=int(data.get("local_world_size", 0)))
             entry.owner_pid = int(data["owner_pid"])
             entry.last_persisted_step = int(data["last_persisted_step"])
             entry.released = bool(data.get("released", False))

@@ -78,7 +78,7 @@ class DaemonCore:
 
     def register(self, job: str, rank: int, world_size: int, pid: int, slot_bytes: int,
                  persist_dir: str, persist_every: int, keep: int,
-                 chunk_bytes: int) -> tuple[SegmentEntry, bool]:
+                 chunk_bytes: int, local_world_size: int = 0) -> tuple[SegmentEntry, bool]:
         if world_size <= 0:
             raise ConfigError(f"world_size must be > 0, got {world_size}")
         if persist_every < 0 or keep < 0:
@@ -86,8 +86,12 @@ class DaemonCore:
                               f"{keep}")
         if persist_dir:
             persist_dir = str(Path(persist_dir).absolute())
+        if not 0 <= local_world_size <= world_size:
+            raise ConfigError(f"local_world_size must be in 0..world_size ({world_size}), got "
+                              f"{local_world_size}")
         config = JobConfig(world_size=world_size, persist_dir=persist_dir,
-                           persist_every=persist_every, keep=keep, chunk_bytes=chunk_bytes)
+                           persist_every=persist_every, keep=keep, chunk_bytes=chunk_bytes,
+                           local_world_size=local_world_size)
         entry, existed = self.registry.register(job, rank, pid, slot_bytes, config)
         log.info("register job %s rank %d pid %d -> %s (existed=%s)", job, rank, pid,
                  entry.name, existed)
@@ -130,6 +134,8 @@ class DaemonCore:
             return False
         entries = self.registry.job_entries(job)
         ranks = tuple(e.rank for e in entries)
+        if len(ranks) < max(e.config.local_world_size for e in entries):
+            return False  # a rank of this node has not registered yet: it must be in the step
         # Skipping a step when the disk falls behind is safe only when no other node must
         # persist the same step for it to complete.
         all_local = len(ranks) == entries[0].config.world_size

@@ -33,6 +33,21 @@ def register_timeout_s(daemon_timeout_s: float, slot_bytes: int) -> float:
     return daemon_timeout_s + 2 * slot_bytes / SEGMENT_CREATE_BYTES_PER_S
 
 
+def local_world_size(world_size: int) -> int:
+    """How many ranks of a job of ``world_size`` run on this node, for Register: torchrun's
+    ``LOCAL_WORLD_SIZE`` when the job is torchrun's whole world, 1 for one process, else 0
+    (not known: the daemon then persists what the ranks registered so far hold)."""
+    if world_size == 1:
+        return 1
+    try:
+        if int(os.environ.get("WORLD_SIZE", "0")) == world_size:
+            local = int(os.environ["LOCAL_WORLD_SIZE"])
+            return local if 0 < local <= world_size else 0
+    except (KeyError, ValueError):
+        pass
+    return 0
+
+
 @dataclass(frozen=True)
 class SegmentGrant:
     """Which segment to write, as the daemon (or the fallback) decided."""
@@ -121,6 +136,7 @@ class DaemonLink:
                                   persist_dir=str(self.cfg.dir.absolute()),
                                   persist_every=self.cfg.persist_every, keep=self.cfg.keep,
                                   chunk_bytes=self.cfg.chunk_bytes,
+                                  local_world_size=local_world_size(self.world_size),
                                   timeout_s=register_timeout_s(self.cfg.daemon_timeout_s,
                                                                slot_bytes))
         except DaemonUnavailableError as exc:
