@@ -304,10 +304,15 @@ def test_a_persist_step_waits_for_every_rank_of_this_node_to_register(daemon, jo
     # Rank 1 registers late (its segment is still being created): rank 0's seal of the
     # persist step must wait for it, not go to disk alone and leave the step incomplete.
     assert first.snapshot(2, make_payload(2, 0, 2, job)) is False
+    assert not any("ranks of this node" in e for e in client.status().errors)
+    assert first.snapshot(4, make_payload(4, 0, 2, job)) is False
+    # A second persist step waiting: now the daemon says what it waits for.
+    assert any("wait until all 2 ranks of this node" in e for e in client.status().errors)
     late = Trainer(client, job, rank=1, world_size=2, persist_dir=out, persist_every=2,
                    local_world_size=2)
     assert late.snapshot(2, make_payload(2, 1, 2, job)) is True
-    wait_until(lambda: complete_steps(out) == [2], what="step 2 of both ranks on disk")
+    assert late.snapshot(4, make_payload(4, 1, 2, job)) is True
+    wait_until(lambda: complete_steps(out) == [2, 4], what="steps 2 and 4 of both ranks")
     manifest = json.loads((out / "step-00000002" / "manifest.json").read_text())
     assert sorted(manifest["ranks"]) == ["0", "1"]
     for t in (first, late):

@@ -57,6 +57,7 @@ class DaemonCore:
         self._lock = threading.RLock()
         self._pending_steps: dict[str, set[int]] = {}  # job -> steps waiting for local ranks
         self._handled_step: dict[str, int] = {}  # job -> newest step queued or dropped
+        self._told_unregistered: set[str] = set()  # jobs whose missing ranks were reported
         self._started_s = time.monotonic()
         self.problems: collections.deque = collections.deque(maxlen=20)
 
@@ -134,8 +135,21 @@ class DaemonCore:
             return False
         entries = self.registry.job_entries(job)
         ranks = tuple(e.rank for e in entries)
-        if len(ranks) < max(e.config.local_world_size for e in entries):
-            return False  # a rank of this node has not registered yet: it must be in the step
+        expected = max(e.config.local_world_size for e in entries)
+        if len(ranks) < expected:
+            # A rank of this node has not registered yet: it must be in the step. Said once
+            # per job when a second persist step is already waiting (a healthy start has
+            # every rank registered well before that), so that a node that never gets all
+            # its ranks here is not silent.
+            if len(steps) > 1 and job not in self._told_unregistered:
+                self._told_unregistered.add(job)
+                message = (f"persists of job {job!r} wait until all {expected} ranks of this "
+                           f"node (LOCAL_WORLD_SIZE) have registered; {len(ranks)} have "
+                           f"({list(ranks)}). Run one daemon per node: ranks that use another "
+                           f"daemon are never counted here")
+                log.warning("%s", message)
+                self.problems.append(message)
+            return False
         # Skipping a step when the disk falls behind is safe only when no other node must
         # persist the same step for it to complete.
         all_local = len(ranks) == entries[0].config.world_size
