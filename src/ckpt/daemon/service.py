@@ -147,8 +147,7 @@ class DaemonCore:
                            f"node (LOCAL_WORLD_SIZE) have registered; {len(ranks)} have "
                            f"({list(ranks)}). Run one daemon per node: ranks that use another "
                            f"daemon are never counted here")
-                log.warning("%s", message)
-                self.problems.append(message)
+                self._problem(logging.WARNING, message)
             return False
         # Skipping a step when the disk falls behind is safe only when no other node must
         # persist the same step for it to complete.
@@ -173,11 +172,15 @@ class DaemonCore:
                            f"committed a later step and no longer hold step {step}, so this "
                            f"node cannot write it (the ranks were more than one snapshot "
                            f"apart); a later persist step is written instead")
-                log.error("%s", message)
-                self.problems.append(message)
+                self._problem(logging.ERROR, message)
         if not steps:
             del self._pending_steps[job]
         return scheduled
+
+    def _problem(self, level: int, message: str) -> None:
+        """Log ``message`` and keep it for Status."""
+        log.log(level, "%s", message)
+        self.problems.append(message)
 
     def _pin_step(self, job: str, step: int, ranks: tuple[int, ...]) -> tuple:
         """Pin the slot holding ``step`` of each rank now, so that the trainer's next
