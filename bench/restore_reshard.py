@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from snapshot_stall import run_in_workdir  # noqa: E402 - same directory
 
+from ckpt.snapshot.geometry import local_shard  # noqa: E402
+
 def build(width: int, layers: int, world: int):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
@@ -98,7 +100,7 @@ def _state_tensors(model, optimizer) -> list[torch.Tensor]:
     for p in model.parameters():
         out.append(p)
         out.extend(v for _, v in sorted(optimizer.state[p].items()) if torch.is_tensor(v))
-    return [t._local_tensor if hasattr(t, "_local_tensor") else t for t in out]
+    return [local_shard(t) for t in out]
 
 
 def reader(rank: int, world: int, args: argparse.Namespace, workdir: Path, tag: str) -> None:
@@ -181,7 +183,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         _launch(reader, ranks, args, workdir, tag)
     res = {tag: json.loads((workdir / f"result-{tag}.json").read_text())
            for tag in ("reshard", "same")}
-    if not all(r["bit_equal"] for r in res.values()):
+    bit_equal = all(r["bit_equal"] for r in res.values())
+    if not bit_equal:
         raise SystemExit(f"ckpt's restore and dcp.load disagree: {res}")
     state_gib = sum(f.stat().st_size for f in (workdir / "ckpt").rglob("*.data")) / (1 << 30)
     print(f"state: {args.layers} x Linear({args.width}, {args.width}) + AdamW, "
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         "same_layout_ckpt_restore_s": same["ckpt_restore_s"],
         "same_layout_dcp_load_s": same["dcp_load_s"],
         "reshard_over_same_layout": reshard["ckpt_restore_s"] / same["ckpt_restore_s"],
-        "bit_equal_to_dcp_load": True, "torch": torch.__version__,
+        "bit_equal_to_dcp_load": bit_equal, "torch": torch.__version__,
         "cpu_cores": os.cpu_count()}))
     return 0
 

@@ -4,10 +4,11 @@
 (``ColwiseParallel``: weight and bias ``Shard(0)``) and ``fc2`` by columns
 (``RowwiseParallel``: weight ``Shard(1)``, bias replicated), so the stored pieces of
 ``fc2.weight`` are column blocks, not byte ranges of the whole tensor. Without it (or
-on one rank) the same model is plain. Every rank trains on the same batches. With
-``--ckpt`` a Checkpointer snapshots every step and persists at close; ``--out`` gets,
-on rank 0, every parameter and AdamW state tensor gathered whole (``.npz``), written
-after ``restore()`` when ``--steps`` is the step restored (nothing to train).
+on one rank) the same model is plain. Every rank trains on the same batches. A
+Checkpointer snapshots every step and persists at close; ``--out`` gets,
+on rank 0, the model, AdamW and RNG state with each tensor gathered whole (``.npz``,
+``ckpt.cli.demo_model.final_state_arrays``), written after ``restore()`` when
+``--steps`` is the step restored (nothing to train).
 
 JSON lines on stdout: ``{"event": "restored", "rank", "start"}``, ``{"event": "done"}``.
 """
@@ -40,18 +41,6 @@ def build(tp: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
         mesh = init_device_mesh("cpu", (world,))
         parallelize_module(model, mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-
-def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
-    """Each parameter and its AdamW state, gathered whole (a collective for DTensors)."""
-    out = {}
-    for name, p in model.named_parameters():
-        tensors = {"": p, **{f"/{k}": v for k, v in optimizer.state[p].items()}}
-        for suffix, t in tensors.items():
-            t = t.detach()
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t
-            out[f"{name}{suffix}"] = t.contiguous().numpy().copy()
-    return out
 
 
 def main() -> int:
@@ -88,7 +77,9 @@ def main() -> int:
         optimizer.zero_grad(set_to_none=True)
         cp.step(step)
     cp.close()
-    arrays = whole_state(model, optimizer)
+    from ckpt.cli.demo_model import final_state_arrays
+
+    arrays = final_state_arrays(model, optimizer)  # each tensor whole; a collective for TP
     if rank == 0 and args.out:
         np.savez(args.out, **arrays)
     sys.stdout.write(json.dumps({"event": "done", "rank": rank}) + "\n")

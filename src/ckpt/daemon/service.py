@@ -286,6 +286,7 @@ class DaemonCore:
                     pending.append(e.name)
             self._pending_steps.pop(job, None)
             self._handled_step.pop(job, None)
+            self._told_unregistered.discard(job)
         if pending:
             try:
                 self.persist(job, None, -1, wait=False, timeout_s=0)

@@ -1,4 +1,5 @@
-"""Box geometry of stored tensor pieces: intersections, byte runs, tilings (no I/O).
+"""Box geometry of stored tensor pieces: intersections, byte runs, tilings, read plans
+(no I/O).
 
 A piece is the box ``[offsets, offsets + shape)`` of its global tensor. A step's
 pieces of one tensor must *tile* it: the distinct boxes (replicas, as under DDP,
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ckpt.errors import ConfigError, CorruptCheckpointError
-from ckpt.format.metadata import TensorPiece
+from ckpt.format.metadata import ChunkRef, TensorPiece
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
 
@@ -160,3 +161,54 @@ def _check_disjoint(name: str, boxes: list[Box], groups: dict[Box, list[TensorPi
                     f"(shape {list(a.shape)}) overlaps rank {b.rank}'s at {list(b.offsets)} "
                     f"(shape {list(b.shape)}); such a step cannot be read by box")
         active.append(box)
+
+
+def box_view(name: str, out_buffer: Any, nbytes: int, offsets: tuple, shape: tuple
+             ) -> memoryview:
+    """``out_buffer`` as a byte view; ConfigError unless writable, contiguous, ``nbytes``."""
+    out = memoryview(out_buffer)
+    if not out.contiguous or out.readonly:
+        raise ConfigError(f"out_buffer for {name!r} must be writable and contiguous")
+    out = out.cast("B") if out.nbytes else memoryview(bytearray())
+    if out.nbytes != nbytes:
+        raise ConfigError(f"out_buffer holds {out.nbytes} bytes, the box of {name!r} at "
+                          f"{list(offsets)} of shape {list(shape)} needs {nbytes}")
+    return out
+
+
+def preferred(pieces: tuple[TensorPiece, ...], rank: int | None) -> tuple[TensorPiece, ...]:
+    """Replicas in read order: ``rank``'s own copy first, then by rank."""
+    return tuple(sorted(pieces, key=lambda p: (p.rank != rank, p.rank)))
+
+
+def plan_direct_reads(piece: TensorPiece, hit: Box, offsets: tuple[int, ...],
+                      shape: tuple[int, ...], itemsize: int, out: memoryview,
+                      work: list[tuple[TensorPiece, memoryview, list[ChunkRef], int]],
+                      cut: list[tuple[np.ndarray, int, int, memoryview]]) -> bool:
+    """Plan the read of ``hit`` (a box of ``piece`` inside the box ``offsets``, ``shape``,
+    whose bytes are ``out``) as chunk reads straight into ``out``: appends to ``work``
+    (``StepReader._read_chunks`` items) and, for the at most two chunks the range cuts,
+    to ``cut`` (a chunk-sized buffer to read into, and what of it to copy where).
+    False, planning nothing, when ``hit`` is not one byte range of both boxes."""
+    in_box = contiguous_span(hit, offsets, shape, itemsize)
+    in_piece = contiguous_span(hit, piece.offsets, piece.shape, itemsize)
+    if in_box is None or in_piece is None:
+        return False
+    dst = out[in_box[0]:in_box[1]]
+    lo, hi = in_piece
+    if not piece.chunks:
+        return True
+    nominal = piece.chunks[0].raw_bytes
+    whole = []
+    for chunk in piece.chunks[lo // nominal:(hi - 1) // nominal + 1]:
+        c_lo, c_hi = chunk.raw_offset, chunk.raw_offset + chunk.raw_bytes
+        if lo <= c_lo and c_hi <= hi:
+            whole.append(chunk)
+            continue
+        chunk_copy = np.empty(chunk.raw_bytes, dtype=np.uint8)  # no zeroing: it is read
+        work.append((piece, memoryview(chunk_copy), [chunk], c_lo))
+        a, b = max(lo, c_lo), min(hi, c_hi)
+        cut.append((chunk_copy, a - c_lo, b - c_lo, dst[a - lo:b - lo]))
+    if whole:
+        work.append((piece, dst, whole, lo))
+    return True

@@ -23,8 +23,8 @@ import zstandard
 
 from ckpt import _C
 from ckpt.errors import ConfigError, CorruptCheckpointError, CorruptChunkError
-from ckpt.format.boxes import (Tiling, box_bytes, box_intersection, byte_runs, check_box,
-                               contiguous_span, tiling_of)
+from ckpt.format.boxes import (Tiling, box_bytes, box_intersection, box_view, byte_runs,
+                               check_box, plan_direct_reads, preferred, tiling_of)
 from ckpt.format.metadata import ChunkRef, TensorPiece, parse_table_bytes
 from ckpt.snapshot.layout import itemsize_of, numpy_dtype_of
 from ckpt.storage.fs import (DAMAGED_ADVICE, MANIFEST_NAME, check_manifest, damaged,
@@ -61,24 +61,6 @@ def _batches(segments: list[tuple[Any, Any, list[ChunkRef], int]], tasks: int
         out[-1].append(seg)
         run_bytes += size
     return out
-
-
-def _box_view(name: str, out_buffer: Any, nbytes: int, offsets: tuple, shape: tuple
-              ) -> memoryview:
-    """``out_buffer`` as a byte view; ConfigError unless writable, contiguous, ``nbytes``."""
-    out = memoryview(out_buffer)
-    if not out.contiguous or out.readonly:
-        raise ConfigError(f"out_buffer for {name!r} must be writable and contiguous")
-    out = out.cast("B") if out.nbytes else memoryview(bytearray())
-    if out.nbytes != nbytes:
-        raise ConfigError(f"out_buffer holds {out.nbytes} bytes, the box of {name!r} at "
-                          f"{list(offsets)} of shape {list(shape)} needs {nbytes}")
-    return out
-
-
-def _preferred(pieces: tuple[TensorPiece, ...], rank: int | None) -> tuple[TensorPiece, ...]:
-    """Replicas in read order: ``rank``'s own copy first, then by rank."""
-    return tuple(sorted(pieces, key=lambda p: (p.rank != rank, p.rank)))
 
 
 def _read_regular(path: Path) -> bytes:
@@ -484,16 +466,16 @@ class StepReader:
             tiling = self.tiling(name)
             offsets, shape = check_box(name, tiling.global_shape, offsets, shape)
             itemsize = itemsize_of(tiling.dtype)
-            out = _box_view(name, out_buffer, box_bytes(shape, itemsize), offsets, shape)
+            out = box_view(name, out_buffer, box_bytes(shape, itemsize), offsets, shape)
             if not out.nbytes:
                 continue
             arr = np.frombuffer(out, dtype=numpy_dtype_of(tiling.dtype)).reshape(shape)
             boxes.append((tiling, offsets, shape, arr))
             rest = []
             for group in tiling.overlapping(offsets, shape):
-                piece = _preferred(group[2], prefer_rank)[0]
-                if not self._plan_range(piece, group[1], offsets, shape, itemsize, out, work,
-                                        cut):
+                piece = preferred(group[2], prefer_rank)[0]
+                if not plan_direct_reads(piece, group[1], offsets, shape, itemsize, out, work,
+                                         cut):
                     rest.append(group)
             if rest:
                 assembled.append((tiling, rest, offsets, shape, arr))
@@ -511,35 +493,6 @@ class StepReader:
         for tiling, groups, offsets, shape, arr in assembled:
             self._fill_box(tiling, groups, offsets, shape, arr, prefer_rank)
 
-    @staticmethod
-    def _plan_range(piece: TensorPiece, hit: tuple, offsets: tuple, shape: tuple,
-                    itemsize: int, out: memoryview, work: list, cut: list) -> bool:
-        """Plan the read of ``hit`` (a box of ``piece`` inside the box ``offsets``,
-        ``shape`` whose bytes are ``out``) as direct chunk reads; False when ``hit`` is not
-        one byte range of both."""
-        in_box = contiguous_span(hit, offsets, shape, itemsize)
-        in_piece = contiguous_span(hit, piece.offsets, piece.shape, itemsize)
-        if in_box is None or in_piece is None:
-            return False
-        dst = out[in_box[0]:in_box[1]]
-        lo, hi = in_piece
-        if not piece.chunks:
-            return True
-        nominal = piece.chunks[0].raw_bytes
-        whole = []
-        for chunk in piece.chunks[lo // nominal:(hi - 1) // nominal + 1]:
-            c_lo, c_hi = chunk.raw_offset, chunk.raw_offset + chunk.raw_bytes
-            if lo <= c_lo and c_hi <= hi:
-                whole.append(chunk)
-                continue
-            chunk_copy = np.empty(chunk.raw_bytes, dtype=np.uint8)  # no zeroing: it is read
-            work.append((piece, memoryview(chunk_copy), [chunk], c_lo))
-            a, b = max(lo, c_lo), min(hi, c_hi)
-            cut.append((chunk_copy, a - c_lo, b - c_lo, dst[a - lo:b - lo]))
-        if whole:
-            work.append((piece, dst, whole, lo))
-        return True
-
     def _fill_box(self, tiling: Tiling, groups: list, offsets: tuple[int, ...],
                   shape: tuple[int, ...], result: np.ndarray, prefer_rank: int | None) -> None:
         """Copy into ``result`` (an array of the box's shape) the parts of the box that
@@ -550,7 +503,7 @@ class StepReader:
         for (piece_off, _), (lo, box_shape), pieces in groups:
             dst = tuple(slice(a - b, a - b + n) for a, b, n in zip(lo, offsets, box_shape))
             local = tuple(a - b for a, b in zip(lo, piece_off))
-            result[dst] = self._read_box_from_replicas(_preferred(pieces, prefer_rank), local,
+            result[dst] = self._read_box_from_replicas(preferred(pieces, prefer_rank), local,
                                                        box_shape, np_dtype)
 
     def _read_box_from_replicas(self, group: tuple[TensorPiece, ...], local_off: tuple[int, ...],

@@ -34,7 +34,8 @@ from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
 from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, model_state_dict,
                              optimizer_state, set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
-from ckpt.recovery.sources import DiskSource, MemorySource, ReshardSource, memory_candidates
+from ckpt.recovery.sources import (DiskSource, MemorySource, ReshardSource, is_sharded_state,
+                                   memory_candidates)
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
 from ckpt.snapshot.geometry import geometries
 from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
@@ -169,8 +170,7 @@ class _Loader:
         self._read_live()
         if source.reshards:
             source.retarget(self.live)
-        stored = {e["name"]: e for e in meta["tensors"]
-                  if e["name"].startswith(("model/", "optim/"))}
+        stored = {e["name"]: e for e in meta["tensors"] if is_sharded_state(e["name"])}
         for name, g in self.live.items():
             e = stored.get(name)
             if e is None:

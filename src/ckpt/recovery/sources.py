@@ -256,9 +256,11 @@ class _DiskSourceBase:
         damaged chunk."""
         self.load_verified({})
 
-    def _outputs(self, dst_addrs: dict[int, int]) -> list[Any]:
-        """A writable buffer per tensor entry: the live memory at ``dst_addrs[i]``, else a
-        slice of a fresh arena (kept for ``tensor_bytes``); None for empty tensors."""
+    def _outputs(self, dst_addrs: dict[int, int]) -> tuple[list[torch.Tensor | None], list[Any]]:
+        """(buffers, outs): a writable ``out`` per tensor entry, the live memory at
+        ``dst_addrs[i]`` or a slice of a fresh arena, whose tensor ``buffers[i]`` is kept
+        for ``tensor_bytes`` once the load succeeded (None for live memory); ``out`` is
+        None for empty tensors. Until then no buffer of an earlier load is served."""
         import ctypes
 
         sizes = [int(e["nbytes"]) for e in self.meta["tensors"]]
@@ -280,11 +282,10 @@ class _DiskSourceBase:
             buffers.append(buf)
             outs.append(buf.numpy() if n else None)
         self._buffers = []
-        self._pending = buffers
-        return outs
+        return buffers, outs
 
-    def _loaded(self) -> None:
-        self._buffers, self._pending = self._pending, []  # type: ignore[assignment]
+    def _loaded(self, buffers: list[torch.Tensor | None]) -> None:
+        self._buffers = buffers
         self.verified = True
 
     @staticmethod
@@ -349,11 +350,11 @@ class DiskSource(_DiskSourceBase):
         On CorruptChunkError the damaged chunks' bytes are zeroed wherever they landed;
         what was written holds verified bytes of this step. ``tensor_bytes(i)`` is not
         available for the tensors of ``dst_addrs``."""
-        outs = self._outputs(dst_addrs)
+        buffers, outs = self._outputs(dst_addrs)
         requests = [(e["name"], out) for e, out in zip(self.meta["tensors"], outs)
                     if out is not None]
         self._reader.read_tensors_into(self.rank, requests)
-        self._loaded()
+        self._loaded(buffers)
 
 
 def is_sharded_state(name: str) -> bool:
@@ -412,7 +413,7 @@ class ReshardSource(_DiskSourceBase):
         """As ``DiskSource.load_verified``, each model/optimizer tensor's box assembled from
         the ranks that hold it; per-rank tensors from ``source_rank``. Every chunk's crc32c
         is checked before this returns; nothing of a damaged chunk is left anywhere."""
-        outs = self._outputs(dst_addrs)
+        buffers, outs = self._outputs(dst_addrs)
         boxes, own = [], []
         for e, out in zip(self.meta["tensors"], outs):
             if out is None:
@@ -423,4 +424,4 @@ class ReshardSource(_DiskSourceBase):
                 own.append((e["name"], out))
         self._reader.read_boxes_into(boxes, prefer_rank=self.source_rank)
         self._reader.read_tensors_into(self.source_rank, own)
-        self._loaded()
+        self._loaded(buffers)
