@@ -5,16 +5,21 @@ One run, one state: an MLP of ``--layers`` square Linear layers with AdamW momen
 (``--gib`` of model + optimizer state in all), trained one step by ``--from-ranks`` gloo
 ranks (FSDP2 when more than one) and saved twice, by ckpt (``close()`` persists) and by
 ``dcp.save``. Then fresh processes with ``--to-ranks`` ranks restore it: ckpt's
-``restore()`` from disk (read box by box onto the new layout), and ``dcp.load`` +
-``set_state_dict`` of the same state onto another fresh copy; the restored model and
-optimizer must be equal bit for bit, or the script fails. A third launch restores with
-``--from-ranks`` ranks (the layout that wrote it) as the same-layout reference. Each
-figure is the slowest rank's, after a barrier. Before each launch every file of both
-checkpoints is read once, so that both sit in the page cache (ckpt writes its data with
-O_DIRECT, DCP through the cache): this measures the restore's work, not the disk.
-Prints a table and one JSON line.
+``restore()`` from the daemon's memory (the writer's slots, read box by box onto the new
+layout), ckpt's ``restore()`` from disk (the same job under another name, so memory holds
+nothing of it), and ``dcp.load`` + ``set_state_dict`` of the same state onto another
+fresh copy; the restored model and optimizer must be equal bit for bit, or the script
+fails. Two more launches restore with ``--from-ranks`` ranks (the layout that wrote it),
+from memory and from disk, as the same-layout reference. Each figure is the slowest
+rank's, after a barrier. Before each launch every file of both checkpoints is read once,
+so that both sit in the page cache (ckpt writes its data with O_DIRECT, DCP through the
+cache): this measures the restore's work, not the disk. With ``--page-cache cold`` the
+page cache is dropped before each launch instead (needs root), so that disk reads come
+from the disk; the daemon's shared memory is not page cache and stays. Prints a table and
+one JSON line.
 
-    python bench/restore_reshard.py [--gib 1] [--from-ranks 2] [--to-ranks 1] [--workdir DIR]
+    python bench/restore_reshard.py [--gib 1] [--from-ranks 2] [--to-ranks 1]
+                                    [--no-same-layout] [--page-cache warm|cold] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from snapshot_stall import run_in_workdir  # noqa: E402 - same directory
+from snapshot_stall import drop_page_cache, run_in_workdir  # noqa: E402 - same directory
 
 from ckpt.snapshot.geometry import local_shard  # noqa: E402
 
@@ -103,6 +108,11 @@ def _state_tensors(model, optimizer) -> list[torch.Tensor]:
     return [local_shard(t) for t in out]
 
 
+# tag -> (ranks: "to" or "from", the tier restore must use)
+READS = {"reshard-memory": ("to", "memory"), "reshard-disk": ("to", "disk"),
+         "same-memory": ("from", "memory"), "same-disk": ("from", "disk")}
+
+
 def reader(rank: int, world: int, args: argparse.Namespace, workdir: Path, tag: str) -> None:
     import ckpt
     import torch.distributed.checkpoint as dcp
@@ -110,14 +120,17 @@ def reader(rank: int, world: int, args: argparse.Namespace, workdir: Path, tag: 
 
     _init(rank, world, workdir, tag)
     model, optimizer = build(args.width, args.layers, world)
-    # Another job: the writer's snapshots in daemon memory must not serve this restore.
-    with ckpt.Checkpointer(model, optimizer, **_options(workdir, f"{args.job}-{tag}")) as cp:
+    tier = READS[tag][1]
+    # The writer's job finds its snapshots in daemon memory; another name finds only disk.
+    job = args.job if tier == "memory" else f"{args.job}-{tag}"
+    with ckpt.Checkpointer(model, optimizer, **_options(workdir, job)) as cp:
         dist.barrier()
         t0 = time.perf_counter()
         start = cp.restore()
         ckpt_s = _slowest(time.perf_counter() - t0)
-        if start != 1 or cp.last_restore is None or cp.last_restore.tier != "disk":
-            raise RuntimeError(f"restore resumed at {start} from {cp.last_restore}")
+        if start != 1 or cp.last_restore is None or cp.last_restore.tier != tier:
+            raise RuntimeError(f"restore resumed at {start} from {cp.last_restore}, "
+                               f"expected step 0 from {tier}")
 
     model2, optimizer2 = build(args.width, args.layers, world)
     dist.barrier()
@@ -164,6 +177,11 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--from-ranks", type=int, default=2)
     p.add_argument("--to-ranks", type=int, default=1)
+    p.add_argument("--page-cache", choices=["warm", "cold"], default="warm",
+                   help="read both checkpoints into the page cache before each restore "
+                        "(warm), or drop the page cache (cold; needs root)")
+    p.add_argument("--no-same-layout", action="store_true",
+                   help="skip the two same-layout reference restores")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the daemon, checkpoints and DCP files go (default: a temporary "
                         "directory, removed at the end)")
@@ -178,35 +196,44 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     t0 = time.perf_counter()
     _launch(writer, args.from_ranks, args, workdir)
     write_s = time.perf_counter() - t0
-    for tag, ranks in (("reshard", args.to_ranks), ("same", args.from_ranks)):
-        warm_page_cache(workdir / "ckpt", workdir / "dcp")
-        _launch(reader, ranks, args, workdir, tag)
-    res = {tag: json.loads((workdir / f"result-{tag}.json").read_text())
-           for tag in ("reshard", "same")}
+    ranks = {"to": args.to_ranks, "from": args.from_ranks}
+    reads = {tag: how for tag, how in READS.items()
+             if not (args.no_same_layout and how[0] == "from")}
+    for tag, (which, _) in reads.items():
+        if args.page_cache == "warm":
+            warm_page_cache(workdir / "ckpt", workdir / "dcp")
+        elif not drop_page_cache():
+            raise SystemExit("--page-cache cold writes /proc/sys/vm/drop_caches: run as root, "
+                             "or use --page-cache warm")
+        _launch(reader, ranks[which], args, workdir, tag)
+    res = {tag: json.loads((workdir / f"result-{tag}.json").read_text()) for tag in reads}
     bit_equal = all(r["bit_equal"] for r in res.values())
     if not bit_equal:
         raise SystemExit(f"ckpt's restore and dcp.load disagree: {res}")
     state_gib = sum(f.stat().st_size for f in (workdir / "ckpt").rglob("*.data")) / (1 << 30)
     print(f"state: {args.layers} x Linear({args.width}, {args.width}) + AdamW, "
-          f"{state_gib:.2f} GiB on disk; written by {args.from_ranks} rank(s) in {write_s:.1f} s")
-    print(f"{'restore onto':<28}{'ckpt restore() s':>18}{'dcp.load s':>12}{'dcp / ckpt':>12}")
-    for tag, ranks in (("reshard", args.to_ranks), ("same", args.from_ranks)):
+          f"{state_gib:.2f} GiB on disk; written by {args.from_ranks} rank(s) in {write_s:.1f} s;"
+          f" page cache {args.page_cache} before each restore")
+    print(f"{'restore onto':<34}{'ckpt restore() s':>18}{'dcp.load s':>12}{'dcp / ckpt':>12}")
+    for tag, (which, tier) in reads.items():
         r = res[tag]
-        label = f"{ranks} rank(s) ({'resharded' if tag == 'reshard' else 'same layout'})"
-        print(f"{label:<28}{r['ckpt_restore_s']:>18.3f}{r['dcp_load_s']:>12.3f}"
+        label = (f"{ranks[which]} rank(s) ({'resharded' if which == 'to' else 'same layout'}"
+                 f", {tier})")
+        print(f"{label:<34}{r['ckpt_restore_s']:>18.3f}{r['dcp_load_s']:>12.3f}"
               f"{r['dcp_load_s'] / r['ckpt_restore_s']:>11.1f}x")
-    reshard, same = res["reshard"], res["same"]
-    print(json.dumps({
-        "bench": "restore_reshard", "from_ranks": args.from_ranks, "to_ranks": args.to_ranks,
-        "layers": args.layers, "width": args.width, "state_gib_on_disk": state_gib,
-        "reshard_ckpt_restore_s": reshard["ckpt_restore_s"],
-        "reshard_dcp_load_s": reshard["dcp_load_s"],
-        "reshard_vs_dcp_load": reshard["dcp_load_s"] / reshard["ckpt_restore_s"],
-        "same_layout_ckpt_restore_s": same["ckpt_restore_s"],
-        "same_layout_dcp_load_s": same["dcp_load_s"],
-        "reshard_over_same_layout": reshard["ckpt_restore_s"] / same["ckpt_restore_s"],
-        "bit_equal_to_dcp_load": bit_equal, "torch": torch.__version__,
-        "cpu_cores": os.cpu_count()}))
+    record = {"bench": "restore_reshard", "from_ranks": args.from_ranks,
+              "to_ranks": args.to_ranks, "layers": args.layers, "width": args.width,
+              "state_gib_on_disk": state_gib, "page_cache": args.page_cache}
+    for tag in reads:
+        key = tag.replace("-", "_")
+        record[f"{key}_ckpt_restore_s"] = res[tag]["ckpt_restore_s"]
+        record[f"{key}_dcp_load_s"] = res[tag]["dcp_load_s"]
+        record[f"{key}_vs_dcp_load"] = res[tag]["dcp_load_s"] / res[tag]["ckpt_restore_s"]
+    record["reshard_memory_over_disk"] = (res["reshard-memory"]["ckpt_restore_s"]
+                                          / res["reshard-disk"]["ckpt_restore_s"])
+    record.update(bit_equal_to_dcp_load=bit_equal, torch=torch.__version__,
+                  cpu_cores=os.cpu_count())
+    print(json.dumps(record))
     return 0
 
 

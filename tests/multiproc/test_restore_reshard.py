@@ -1,10 +1,11 @@
-"""A step on disk restores onto another world size or parallel layout, read box by box.
+"""A step restores onto another world size or parallel layout, read box by box, from the
+daemon's memory (every old rank's slot is on this node) or from disk.
 
 A writer trains with one layout and persists; a reader with another layout restores
 the newest step, dumps its state (model, optimizer and RNG, each tensor gathered whole
 on rank 0), trains on and persists in its own layout. The dumps of writer and reader
 must be equal bit for bit. Real processes: torchrun with gloo ranks, or one plain
-process.
+process, and the real daemon.
 """
 
 from __future__ import annotations
@@ -52,27 +53,15 @@ def _write(run_dir: Path, layout: tuple[str, int]) -> dict[str, np.ndarray]:
     return _by_global_name(load_npz(run_dir / "writer.npz"))
 
 
-@pytest.mark.parametrize("writer,reader", [
-    (("fsdp", 2), ("none", 1)),   # gather: each tensor from both ranks' shards
-    (("none", 1), ("fsdp", 3)),   # scatter onto uneven shards (64 rows over 3 ranks)
-    (("ddp", 2), ("fsdp", 2)),    # same world size, another sharding
-], ids=["fsdp2-to-1", "1-to-fsdp3", "ddp2-to-fsdp2"])
-def test_a_step_restores_bit_exactly_onto_another_layout_and_training_goes_on(
-        run_dir, writer, reader):
-    written = _write(run_dir, writer)
-
+def _read(run_dir: Path, reader: tuple[str, int], *, job: str | None = None
+          ) -> tuple[list[dict], str, dict[str, np.ndarray]]:
+    """Restore with ``reader``'s layout, dump the restored state, train on and persist."""
     args = worker_args(run_dir, READER_STEPS, ckpt=True, persist_every=4, keep=0,
-                       out_restored=run_dir / "restored.npz")
+                       out_restored=run_dir / "restored.npz", **({"job": job} if job else {}))
     records, stderr = _launch(reader, args)
-
     starts = {r["start"] for r in records if r["event"] == "restored"}
     assert starts == {WRITER_STEPS}, f"restored at {starts}; stderr:\n{stderr[-3000:]}"
     assert "read onto" in stderr, "the restore did not say it read the step by box"
-    # Rank 0's snapshot in daemon memory holds the writer's layout: passed over, not loaded.
-    assert "passes over memory" in stderr, stderr[-3000:]
-    restored = _by_global_name(load_npz(run_dir / "restored.npz"))
-    diffs = compare_arrays(written, restored)
-    assert diffs == [], f"{writer} -> {reader}: restored state differs in {diffs[:10]}"
     # Training went on in the new layout, and its snapshots are of that layout.
     assert sorted(r["step"] for r in records if r["event"] == "step" and r["rank"] == 0) \
         == list(range(WRITER_STEPS, READER_STEPS))
@@ -80,6 +69,32 @@ def test_a_step_restores_bit_exactly_onto_another_layout_and_training_goes_on(
     for persisted in (8, READER_STEPS - 1):
         with StepReader(run_dir / "checkpoints" / f"step-{persisted:08d}") as step:
             assert step.world_size == reader[1]
+    return records, stderr, _by_global_name(load_npz(run_dir / "restored.npz"))
+
+
+@pytest.mark.parametrize("writer,reader", [
+    (("fsdp", 2), ("none", 1)),   # gather: each tensor from both ranks' shards
+    (("none", 1), ("fsdp", 3)),   # scatter onto uneven shards (64 rows over 3 ranks)
+    (("ddp", 2), ("fsdp", 2)),    # same world size, another sharding
+], ids=["fsdp2-to-1", "1-to-fsdp3", "ddp2-to-fsdp2"])
+def test_a_step_restores_bit_exactly_onto_another_layout_from_memory_and_from_disk(
+        run_dir, writer, reader):
+    written = _write(run_dir, writer)
+    # The same steps under another job name, for a reader that finds nothing in memory.
+    disk_only = run_dir / "disk-only"
+    shutil.copytree(run_dir / "checkpoints", disk_only / "checkpoints")
+    # Step 7 is then only in daemon memory: a restore from disk would resume at 5.
+    shutil.rmtree(run_dir / "checkpoints" / "step-00000007")
+
+    _, stderr, restored = _read(run_dir, reader)
+    assert f"in the slots of {writer[1]} rank(s)" in stderr, stderr[-3000:]
+    diffs = compare_arrays(written, restored)
+    assert diffs == [], f"{writer} -> {reader} from memory: restored state differs in {diffs[:10]}"
+
+    _, stderr, restored = _read(disk_only, reader, job=f"{run_dir.name}-disk")
+    assert "disk" in stderr and f"written by {writer[1]} rank(s)" in stderr, stderr[-3000:]
+    diffs = compare_arrays(written, restored)
+    assert diffs == [], f"{writer} -> {reader} from disk: restored state differs in {diffs[:10]}"
 
 
 def test_a_damaged_shard_makes_a_reshard_fall_back_to_the_previous_step(run_dir):
@@ -118,6 +133,6 @@ def test_tensor_parallel_column_shards_restore_bit_exactly_onto_one_process(run_
         assert sorted(p.offsets for p in step.pieces("model/fc2.weight")) == [(0, 0), (0, 20)]
     records, stderr = _tp_run(run_dir, nproc=1, out=run_dir / "plain.npz", tp=False)
     assert [r["start"] for r in records if r["event"] == "restored"] == [4], stderr[-3000:]
-    assert "read onto" in stderr, stderr[-3000:]
+    assert "in the slots of 2 rank(s) (read onto 1 by box)" in stderr, stderr[-3000:]
     diffs = compare_arrays(load_npz(run_dir / "tp.npz"), load_npz(run_dir / "plain.npz"))
     assert diffs == [], f"restored state differs in {diffs}"

@@ -353,6 +353,33 @@ def test_a_job_relaunched_on_fewer_ranks_persists_without_its_old_ranks(daemon, 
     manifest = json.loads((out / "step-00000004" / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and sorted(manifest["ranks"]) == ["0"]
     assert client.persist(job, step=-1, wait=True).step == 4  # every rank "held here": rank 0
+    # Rank 1's newest commit (step 2) is on disk: its memory is given back.
+    wait_until(lambda: not shm_file(old[1].reg.segment_name).exists(),
+               what="rank 1's segment unlinked")
+    assert [s.rank for s in client.status().segments if s.job == job] == [0]
+    new.close()
+
+
+def test_a_rank_a_relaunched_job_lacks_keeps_its_memory_until_disk_has_a_newer_step(
+        daemon, job, tmp_path):
+    core, client = daemon
+    out = tmp_path / "ckpts"
+    old = [Trainer(client, job, rank=r, world_size=2, persist_dir=out, persist_every=4)
+           for r in (0, 1)]
+    for t in old:
+        assert t.snapshot(3, make_payload(3, t.rank, 2, job)) is False  # in memory only
+        t.close()
+    rank1 = shm_file(old[1].reg.segment_name)
+    new = Trainer(client, job, rank=0, world_size=1, persist_dir=out, persist_every=4)
+    assert new.snapshot(5, make_payload(5, 0, 1, job)) is False
+    for _ in range(3):
+        core.watch.tick()
+    # Step 3 of rank 1 is on no disk: a restore onto 2 ranks would still need it.
+    assert rank1.exists()
+    assert new.snapshot(8, make_payload(8, 0, 1, job)) is True
+    wait_until(lambda: complete_steps(out) == [8], what="step 8 on disk")
+    wait_until(lambda: not rank1.exists(), what="rank 1's segment unlinked")
+    assert shm_file(new.reg.segment_name).exists()
     new.close()
 
 

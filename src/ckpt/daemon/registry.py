@@ -148,6 +148,11 @@ class SegmentRegistry:
                 world = min(self._by_key[k][-1].config.world_size for k in keys)
             return [self._by_key[k][-1] for k in keys if world is None or k[1] < world]
 
+    def registered_world_size(self, job: str) -> int | None:
+        """The world size of ``job``'s newest Register since this daemon started, if any."""
+        with self._lock:
+            return self._world_size.get(job)
+
     def find_step(self, job: str, rank: int, step: int) -> tuple[SegmentEntry, int, dict]:
         """The (entry, slot, slot_info) holding a sealed ``step`` of (job, rank), newest first."""
         for entry in reversed(self.generations(job, rank)):

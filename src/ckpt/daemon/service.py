@@ -311,8 +311,9 @@ class DaemonCore:
             self.problems.append(f"reclaimed {entry.name}: {reason}")
 
     def drop_superseded_and_released(self) -> None:
-        """Unlink old generations once a newer one has a commit, and released segments once
-        their newest commit is persisted."""
+        """Unlink old generations once a newer one has a commit, released segments once
+        their newest commit is persisted, and the segments of ranks a relaunched job no
+        longer has once nothing needs them (``_left_behind``)."""
         with self._lock:
             by_key: dict[tuple[str, int], list[SegmentEntry]] = {}
             for e in self.registry.entries():
@@ -328,6 +329,28 @@ class DaemonCore:
                         self.registry.remove(g, unlink=True)
                     elif g.released and self._releasable(g):
                         self.registry.remove(g, unlink=True)
+                    elif self._left_behind(g):
+                        log.info("unlinked %s: job %r now runs on %d rank(s), and disk holds "
+                                 "step %d or newer", g.name, g.job,
+                                 self.registry.registered_world_size(g.job),
+                                 g.newest_commit_step())
+                        self.registry.remove(g, unlink=True)
+
+    def _left_behind(self, e: SegmentEntry) -> bool:
+        """A segment of a rank at or above the world size of its job's newest Register (a
+        job relaunched on fewer ranks; a restore has read it, by box, before that
+        Register), once disk holds a step at least as new as its newest commit: its own
+        persisted one, or one the job persisted since. A restore then loads that newer
+        step; it would need these slots only if that step were damaged too."""
+        world = self.registry.registered_world_size(e.job)
+        if world is None or e.rank < world:
+            return False
+        newest = e.newest_commit_step()
+        if newest is None or e.last_persisted_step >= newest:
+            return True
+        persisted = max((j.last_persisted_step for j in self.registry.job_entries(e.job)),
+                        default=-1)
+        return persisted >= newest
 
     # -- Status -----------------------------------------------------------------------------
 

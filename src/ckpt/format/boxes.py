@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import numpy as np
 
 from ckpt.errors import ConfigError, CorruptCheckpointError
-from ckpt.format.metadata import ChunkRef, TensorPiece
+from ckpt.format.metadata import ChunkRef, PieceGeometry, TensorPiece
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, shape)
+P = TypeVar("P", bound=PieceGeometry)
 
 
 def box_intersection(a_off: tuple[int, ...], a_shape: tuple[int, ...], b_off: tuple[int, ...],
@@ -98,10 +99,10 @@ class Tiling:
     name: str
     dtype: str
     global_shape: tuple[int, ...]
-    groups: tuple[tuple[Box, tuple[TensorPiece, ...]], ...]  # non-empty boxes only
+    groups: tuple[tuple[Box, tuple[PieceGeometry, ...]], ...]  # non-empty boxes only
 
     def overlapping(self, offsets: tuple[int, ...], shape: tuple[int, ...]
-                    ) -> list[tuple[Box, Box, tuple[TensorPiece, ...]]]:
+                    ) -> list[tuple[Box, Box, tuple[PieceGeometry, ...]]]:
         """(group box, intersection, pieces) for every group that meets the box."""
         out = []
         for box, pieces in self.groups:
@@ -111,13 +112,13 @@ class Tiling:
         return out
 
 
-def tiling_of(name: str, pieces: Sequence[TensorPiece], where: str) -> Tiling:
+def tiling_of(name: str, pieces: Sequence[PieceGeometry], where: str) -> Tiling:
     """Group ``pieces`` (every rank's, of tensor ``name``) by box and check that the boxes
     tile the global tensor. CorruptCheckpointError says what is wrong otherwise."""
     if not pieces:
         raise CorruptCheckpointError(f"{where}: no piece of tensor {name!r} is stored")
     first = pieces[0]
-    groups: dict[Box, list[TensorPiece]] = {}
+    groups: dict[Box, list[PieceGeometry]] = {}
     for p in pieces:
         if p.dtype != first.dtype or p.global_shape != first.global_shape:
             raise CorruptCheckpointError(
@@ -143,7 +144,7 @@ def tiling_of(name: str, pieces: Sequence[TensorPiece], where: str) -> Tiling:
                   tuple((box, tuple(groups[box])) for box in boxes))
 
 
-def _check_disjoint(name: str, boxes: list[Box], groups: dict[Box, list[TensorPiece]],
+def _check_disjoint(name: str, boxes: list[Box], groups: dict[Box, list[PieceGeometry]],
                     where: str) -> None:
     """Distinct boxes must not overlap: a sweep along dimension 0 (boxes sorted by offset)
     compares each box only with those whose dim-0 range is still open."""
@@ -176,7 +177,7 @@ def box_view(name: str, out_buffer: Any, nbytes: int, offsets: tuple, shape: tup
     return out
 
 
-def preferred(pieces: tuple[TensorPiece, ...], rank: int | None) -> tuple[TensorPiece, ...]:
+def preferred(pieces: tuple[P, ...], rank: int | None) -> tuple[P, ...]:
     """Replicas in read order: ``rank``'s own copy first, then by rank."""
     return tuple(sorted(pieces, key=lambda p: (p.rank != rank, p.rank)))
 

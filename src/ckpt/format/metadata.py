@@ -54,8 +54,8 @@ class ChunkRef:
 
 
 @dataclass(frozen=True)
-class TensorPiece:
-    """One rank's piece of one tensor, as recorded in the rank's Parquet table."""
+class PieceGeometry:
+    """Which box of which global tensor one rank stores (what a tiling groups)."""
 
     name: str
     rank: int
@@ -63,6 +63,12 @@ class TensorPiece:
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorPiece(PieceGeometry):
+    """One rank's piece of one tensor, as recorded in the rank's Parquet table."""
+
     file: str
     byte_offset: int
     stored_bytes: int

@@ -9,8 +9,9 @@ Order of work (every rank calls it, in the same order, on the training thread):
 3. newest first: try memory, then disk (each verified chunk by chunk before a byte
    reaches a live tensor); ``all_reduce(MIN)`` of the success flag, so that either
    every rank loaded this step or all move on to the previous one. A step written with
-   another world size or sharding is read from disk box by box onto this job's layout
-   (``ReshardSource``); memory holding another layout is passed over;
+   another world size or sharding is read box by box onto this job's layout: from
+   memory where this node holds the slots of every rank that wrote it
+   (``MemoryReshardSource``), else from disk (``ReshardSource``);
 4. set what is not a tensor (optimizer hyperparameters, scheduler, extras, RNG);
 5. with a pipeline position and no step loadable everywhere: the CheckFree tier
    (:mod:`ckpt.recovery.stage_rebuild`) rebuilds the stages that lack a step the others
@@ -34,8 +35,9 @@ from ckpt.errors import (CkptError, CorruptCheckpointError, LayoutMismatchError,
 from ckpt.hook.state import (apply_optimizer_scalars, fit_optimizer_state, model_state_dict,
                              optimizer_state, set_rng_state)
 from ckpt.recovery.checkfree.position import PipelinePosition
-from ckpt.recovery.sources import (DiskSource, MemorySource, ReshardSource, is_sharded_state,
-                                   memory_candidates)
+from ckpt.recovery.memory_reshard import MemoryReshardSource, complete_groups
+from ckpt.recovery.sources import (DiskSource, MemoryCandidate, MemorySource, ReshardSource,
+                                   is_sharded_state, memory_candidates)
 from ckpt.recovery.stage_rebuild import PIPELINE_STATE_KEY, choose_rebuild, exchange_and_rebuild
 from ckpt.snapshot.geometry import geometries
 from ckpt.snapshot.tree import dtype_from_name, flatten, unflatten
@@ -257,20 +259,44 @@ class _Loader:
         return state
 
 
-def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
-                 target: RestoreTarget, engine: Any) -> tuple[Any, list[Any]] | None:
+@dataclass(frozen=True)
+class StepSources:
+    """Where this rank can find one step: its own sealed slots, the slots of every rank
+    that wrote it when this node holds them all, and the step's directory on disk."""
+
+    own: list[MemoryCandidate]
+    group: dict[int, MemoryCandidate] | None
+    disk: Path | None
+
+
+def _open(tier: str, what: Any, target: RestoreTarget, engine: Any) -> Any:
+    if tier == "memory":
+        return MemorySource(what, engine)
+    if tier == "memory by box":
+        return MemoryReshardSource(what, target.rank, target.world_size, engine)
+    if tier == "disk":
+        return DiskSource(what, target.rank, target.world_size)
+    return ReshardSource(what, target.rank, target.world_size)
+
+
+def _try_sources(loader: _Loader, step: int, where: StepSources, target: RestoreTarget,
+                 engine: Any) -> tuple[Any, list[Any]] | None:
     """Load ``step`` from memory, else disk; returns (source, tensors) or None.
 
-    A source written with another layout (ShardingMismatchError) is passed over in
-    memory and read by box from disk (``ReshardSource``), except in a pipeline job."""
-    attempts: list[Any] = [("memory", c) for c in mem] + ([("disk", disk_path)] if disk_path else [])
+    Memory is this rank's own slot, then (outside pipeline jobs) the slots of every rank
+    that wrote the step, read by box (``MemoryReshardSource``): that reads a step of
+    another layout, and a DDP replica where this rank's own copy is damaged. A step on
+    disk of another layout (ShardingMismatchError) is read by box (``ReshardSource``).
+    A pipeline job refuses another layout."""
+    group = where.group if target.pipeline is None else None
+    attempts: list[Any] = ([("memory", c) for c in where.own]
+                           + ([("memory by box", group)] if group else [])
+                           + ([("disk", where.disk)] if where.disk else []))
     while attempts:
         tier, what = attempts.pop(0)
         source = None
         try:
-            source = (MemorySource(what, engine) if tier == "memory"
-                      else DiskSource(what, target.rank, target.world_size) if tier == "disk"
-                      else ReshardSource(what, target.rank, target.world_size))
+            source = _open(tier, what, target, engine)
             if source.step != step:
                 raise CkptError(f"{source.where} holds step {source.step}, expected {step}")
             loader.check(source)
@@ -288,9 +314,13 @@ def _try_sources(loader: _Loader, step: int, mem: list, disk_path: Path | None,
             if tier == "disk":
                 log.info("ckpt: rank %d: %s; reading it by box", target.rank, exc)
                 attempts.insert(0, ("disk by box", what))
+            elif group:
+                log.info("ckpt: rank %d: %s; reading the step by box from the slots of "
+                         "every rank", target.rank, exc)
             else:
-                log.warning("ckpt: rank %d passes over %s: %s; the disk tier reads a "
-                            "step onto this layout", target.rank, tier, exc)
+                log.warning("ckpt: rank %d passes over %s: %s; this node does not hold "
+                            "every rank's slot of step %d, so the disk tier reads it onto "
+                            "this layout", target.rank, tier, exc, step)
         except LayoutMismatchError:
             if source is not None:
                 source.close()
@@ -314,11 +344,16 @@ def restore(target: RestoreTarget) -> RestoreOutcome | None:
     StepNotFoundError when snapshots exist but none loads on every rank (and, with a
     pipeline position, CheckFree cannot complete one either).
     """
+    every_rank = memory_candidates(target.job, None)
     mem_by_step: dict[int, list] = {}
-    for c in memory_candidates(target.job, target.rank):
-        mem_by_step.setdefault(c.step, []).append(c)
+    for c in every_rank:
+        if c.rank == target.rank:
+            mem_by_step.setdefault(c.step, []).append(c)
+    groups = complete_groups(every_rank) if target.pipeline is None else {}
     disk = _disk_steps(target.dir)
-    steps_by_rank = gather_steps(list(mem_by_step) + list(disk), target.process_group)
+    sources = {s: StepSources(mem_by_step.get(s, []), groups.get(s), disk.get(s))
+               for s in set(mem_by_step) | set(groups) | set(disk)}
+    steps_by_rank = gather_steps(list(sources), target.process_group)
     steps = _common(steps_by_rank)
     if not any(steps_by_rank) or (not steps and target.pipeline is None):
         return None
@@ -327,11 +362,11 @@ def restore(target: RestoreTarget) -> RestoreOutcome | None:
     from ckpt import _C
 
     with _C.CopyEngine(os.cpu_count() or 1) as engine:
-        outcome = _restore_agreed(target, loader, steps, mem_by_step, disk, engine)
+        outcome = _restore_agreed(target, loader, steps, sources, engine)
         if outcome is not None:
             return outcome
         if target.pipeline is not None:
-            outcome = _restore_by_rebuild(target, loader, steps_by_rank, mem_by_step, disk, engine)
+            outcome = _restore_by_rebuild(target, loader, steps_by_rank, sources, engine)
             if outcome is not None:
                 return outcome
     raise StepNotFoundError(
@@ -345,11 +380,9 @@ def _tier_of(source: Any) -> str:
 
 
 def _restore_agreed(target: RestoreTarget, loader: _Loader, steps: list[int],
-                    mem_by_step: dict[int, list], disk: dict[int, Path],
-                    engine: Any) -> RestoreOutcome | None:
+                    sources: dict[int, StepSources], engine: Any) -> RestoreOutcome | None:
     for step in steps:
-        loaded = _try_sources(loader, step, mem_by_step.get(step, []), disk.get(step), target,
-                              engine)
+        loaded = _try_sources(loader, step, sources[step], target, engine)
         ok = all_succeeded(loaded is not None, target.process_group)
         if not ok:
             if loaded is not None:
@@ -369,8 +402,7 @@ def _apply(loader: _Loader, source: Any, tensors: list[Any], step: int) -> Resto
 
 
 def _restore_by_rebuild(target: RestoreTarget, loader: _Loader, steps_by_rank: list[list[int]],
-                        mem_by_step: dict[int, list], disk: dict[int, Path],
-                        engine: Any) -> RestoreOutcome | None:
+                        sources: dict[int, StepSources], engine: Any) -> RestoreOutcome | None:
     """The CheckFree tier: survivors load a step, the stages lacking it are rebuilt."""
     position = target.pipeline
     assert position is not None
@@ -384,9 +416,8 @@ def _restore_by_rebuild(target: RestoreTarget, loader: _Loader, steps_by_rank: l
             return None
         tried.add(choice.step)
         lost = target.rank in choice.lost_ranks
-        loaded = None if lost else _try_sources(loader, choice.step,
-                                                mem_by_step.get(choice.step, []),
-                                                disk.get(choice.step), target, engine)
+        loaded = None if lost else _try_sources(loader, choice.step, sources[choice.step],
+                                                target, engine)
         if not all_succeeded(lost or loaded is not None, target.process_group):
             if loaded is not None:
                 loaded[0].close()

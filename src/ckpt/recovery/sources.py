@@ -37,8 +37,10 @@ def break_dead_lock(segment: Any, slot: int) -> bool:
     return segment.break_lock(slot, pid)  # kept if another process took it since
 
 
-def segment_names(job: str, rank: int, shm_dir: Path = Path("/dev/shm")) -> list[tuple[int, str]]:
-    """(generation, name) of this user's segments of (job, rank), newest generation first."""
+def segment_names(job: str, rank: int | None, shm_dir: Path = Path("/dev/shm")
+                  ) -> list[tuple[int, str]]:
+    """(generation, name) of this user's segments of (job, rank), newest generation first
+    (rank None: of every rank of the job)."""
     uid = os.getuid()
     found = []
     try:
@@ -47,7 +49,7 @@ def segment_names(job: str, rank: int, shm_dir: Path = Path("/dev/shm")) -> list
         return []
     for entry in entries:
         parsed = parse_segment_name(entry)
-        if parsed and parsed.uid == uid and parsed.job == job and parsed.rank == rank:
+        if parsed and parsed.uid == uid and parsed.job == job and rank in (None, parsed.rank):
             found.append((parsed.generation, parsed.name))
     return sorted(found, reverse=True)
 
@@ -60,15 +62,19 @@ class MemoryCandidate:
     seq: int
     payload_bytes: int
     payload_crc: int
+    rank: int
+    world_size: int      # as the meta records it (the payload's seal covers the meta)
 
 
-def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
-    """Sealed slots of (job, rank) in shared memory whose header area verifies, newest first."""
+def memory_candidates(job: str, rank: int | None) -> list[MemoryCandidate]:
+    """Sealed slots of (job, rank) in shared memory whose header area verifies, newest first
+    (rank None: every rank's slots of the job on this node)."""
     from ckpt import _C
-    from ckpt.snapshot.layout import check_payload_seal
+    from ckpt.snapshot.layout import check_payload_seal, read_meta_head
 
     out: list[MemoryCandidate] = []
     for _, name in segment_names(job, rank):
+        seg_rank = parse_segment_name(name).rank  # type: ignore[union-attr]
         try:
             seg = _C.Segment.open(name, populate=False)
         except Exception:  # damaged or foreign: the daemon reports those
@@ -81,10 +87,15 @@ def memory_candidates(job: str, rank: int) -> list[MemoryCandidate]:
                 view = seg.slot_view(slot)[:info["payload_bytes"]]
                 try:
                     check_payload_seal(view, info["payload_crc"])
+                    head = read_meta_head(view)
                 except CkptError:
                     continue
+                world_size = head.get("world_size")
+                if head.get("rank") != seg_rank or not isinstance(world_size, int):
+                    continue  # a meta its trainer does not write: skipped like a bad seal
                 out.append(MemoryCandidate(name, slot, info["step"], info["seq"],
-                                           info["payload_bytes"], info["payload_crc"]))
+                                           info["payload_bytes"], info["payload_crc"],
+                                           seg_rank, world_size))
         finally:
             seg.close()
     return sorted(out, key=lambda c: (c.step, c.seq), reverse=True)
@@ -193,6 +204,31 @@ class MemorySource:
                 f"{k - p.first_chunk} (payload chunk {k}) has crc32c {int(actual[k]):#010x}, "
                 f"recorded {int(self._crcs[k]):#010x}; {bad.size} damaged chunk(s) in all")
 
+    def bad_chunks(self, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+        """Checksum chunks ``[lo, hi)`` of tensor ``i`` for each ``(i, lo, hi)`` in place (one
+        engine batch); ``(i, chunk, actual crc, recorded crc)`` of each that does not match."""
+        chunk_bytes = self.layout.chunk_bytes
+        jobs, recorded = [], []
+        for i, lo, hi in ranges:
+            p = self.layout.tensors[i]
+            start = lo * chunk_bytes
+            jobs.append((self.tensor_addr(i) + start, min(hi * chunk_bytes, p.spec.nbytes) - start))
+            recorded.append(self._crcs[p.first_chunk + lo:p.first_chunk + hi])
+        if not jobs:
+            return []
+        expected = np.concatenate(recorded)
+        actual = np.zeros(max(expected.size, 1), dtype=np.uint32)
+        self.engine.crc_chunks(jobs, chunk_bytes, actual.ctypes.data).wait(None)
+        where = np.concatenate([np.full(hi - lo, i) for i, lo, hi in ranges])
+        chunk = np.concatenate([np.arange(lo, hi) for _, lo, hi in ranges])
+        return [(int(where[k]), int(chunk[k]), int(actual[k]), int(expected[k]))
+                for k in np.nonzero(actual[:expected.size] != expected)[0]]
+
+    def chunk_crcs(self, i: int, lo: int, hi: int) -> np.ndarray:
+        """The recorded crc32c of chunks ``[lo, hi)`` of tensor ``i``."""
+        first = self.layout.tensors[i].first_chunk
+        return self._crcs[first + lo:first + hi]
+
     def tensor_addr(self, i: int) -> int:
         return self._data_addr + self.layout.tensors[i].data_offset
 
@@ -232,28 +268,28 @@ def _runs_by_kind(layout: Any, dst_addrs: dict[int, int]) -> list[tuple[bool, li
     return runs
 
 
-class _DiskSourceBase:
-    """What both disk sources share: the step's reader, and host buffers (one arena) for
-    the tensors that are not read straight into live memory."""
+class BufferedSource:
+    """What the sources that fill live tensors from elsewhere share (disk, and memory read
+    by box): host buffers, one arena, for the tensors not loaded straight into live memory.
+    A subclass sets ``meta`` and ``where`` and implements ``load_verified``."""
 
-    tier = "disk"
     reshards = False      # True: entries are retargeted to the live layout before a load
     restores_rng = True   # False: this rank did not exist in the step; its RNG stays as is
+    meta: dict[str, Any]
+    where: str
 
     _ALIGN_BYTES = 4096
 
-    def __init__(self, step_path: Path) -> None:
-        from ckpt.format import StepReader
-
-        self.where = f"disk {step_path}"
-        self._reader = StepReader(step_path)
+    def __init__(self) -> None:
         self.verified = False
         self._buffers: list[torch.Tensor | None] = []
 
+    def load_verified(self, dst_addrs: dict[int, int]) -> None:
+        raise NotImplementedError
+
     def verify(self) -> None:
-        """Read every chunk this rank needs (big reads, several threads, crc32c checked
-        before this returns) into one host arena; CorruptChunkError names the first
-        damaged chunk."""
+        """Read every chunk this rank needs (crc32c checked before this returns) into one
+        host arena; CorruptChunkError names the first damaged chunk."""
         self.load_verified({})
 
     def _outputs(self, dst_addrs: dict[int, int]) -> tuple[list[torch.Tensor | None], list[Any]]:
@@ -317,6 +353,22 @@ class _DiskSourceBase:
 
     def close(self) -> None:
         self._buffers = []
+
+
+class _DiskSourceBase(BufferedSource):
+    """What both disk sources share: the step's reader."""
+
+    tier = "disk"
+
+    def __init__(self, step_path: Path) -> None:
+        from ckpt.format import StepReader
+
+        super().__init__()
+        self.where = f"disk {step_path}"
+        self._reader = StepReader(step_path)
+
+    def close(self) -> None:
+        super().close()
         self._reader.close()
 
 
@@ -363,6 +415,33 @@ def is_sharded_state(name: str) -> bool:
     return name.startswith(("model/", "optim/"))
 
 
+def reshard_entry(name: str, dtype: str, global_shape: tuple[int, ...], shape: tuple[int, ...],
+                  offsets: tuple[int, ...], nbytes: int) -> dict[str, Any]:
+    """A stored tensor's meta entry for a source that reads by box: a model/optimizer
+    tensor is described whole until ``retarget_entries`` (so that the optimizer state is
+    shaped by the live parameters, not by the stored shards); per-rank state as stored."""
+    from ckpt.format.boxes import box_bytes
+    from ckpt.snapshot.layout import itemsize_of
+
+    if is_sharded_state(name):
+        shape, offsets = global_shape, (0,) * len(global_shape)
+        nbytes = box_bytes(global_shape, itemsize_of(dtype))
+    return {"name": name, "dtype": dtype, "global_shape": list(global_shape),
+            "shape": list(shape), "offsets": list(offsets), "nbytes": nbytes}
+
+
+def retarget_entries(entries: list[dict[str, Any]], live: dict[str, Any]) -> None:
+    """Give every model/optimizer entry the box of its live tensor (a TensorGeometry)
+    where the dtype and global shape agree; others stay as stored, for the loader's
+    check to name what differs."""
+    for e in entries:
+        g = live.get(e["name"])
+        if (g is None or not is_sharded_state(e["name"]) or g.dtype_name != e["dtype"]
+                or list(g.global_shape) != e["global_shape"]):
+            continue
+        e["shape"], e["offsets"], e["nbytes"] = list(g.shape), list(g.offsets), g.nbytes
+
+
 class ReshardSource(_DiskSourceBase):
     """A complete step on disk read onto this job's layout: another world size, or another
     sharding of the same tensors (DDP <-> FSDP2, another mesh). ``retarget`` gives each
@@ -377,9 +456,6 @@ class ReshardSource(_DiskSourceBase):
     reshards = True
 
     def __init__(self, step_path: Path, rank: int, world_size: int) -> None:
-        from ckpt.format.boxes import box_bytes
-        from ckpt.snapshot.layout import itemsize_of
-
         super().__init__(step_path)
         stored_world = self._reader.world_size
         self.source_rank = rank % stored_world
@@ -388,26 +464,13 @@ class ReshardSource(_DiskSourceBase):
                       f"{world_size} by box)")
         self.meta = dict(self._reader.meta(self.source_rank))
         self.meta["state"] = self._reader.state_skeleton(self.source_rank)
-        # Until retarget(): model/optimizer tensors described whole, so that the optimizer
-        # state is shaped by the live parameters, not by the stored shards.
         self.meta["tensors"] = [
-            {"name": p.name, "dtype": p.dtype, "global_shape": list(p.global_shape),
-             **({"shape": list(p.global_shape), "offsets": [0] * len(p.global_shape),
-                 "nbytes": box_bytes(p.global_shape, itemsize_of(p.dtype))} if is_sharded_state(p.name) else
-                {"shape": list(p.shape), "offsets": list(p.offsets), "nbytes": p.raw_bytes})}
+            reshard_entry(p.name, p.dtype, p.global_shape, p.shape, p.offsets, p.raw_bytes)
             for p in self._reader.rank_pieces(self.source_rank)]
         self.step = int(self.meta["step"])
 
     def retarget(self, live: dict[str, Any]) -> None:
-        """Give every model/optimizer entry the box of its live tensor (a TensorGeometry)
-        where the dtype and global shape agree; others stay as stored, for the loader's
-        check to name what differs."""
-        for e in self.meta["tensors"]:
-            g = live.get(e["name"])
-            if (g is None or not is_sharded_state(e["name"]) or g.dtype_name != e["dtype"]
-                    or list(g.global_shape) != e["global_shape"]):
-                continue
-            e["shape"], e["offsets"], e["nbytes"] = list(g.shape), list(g.offsets), g.nbytes
+        retarget_entries(self.meta["tensors"], live)
 
     def load_verified(self, dst_addrs: dict[int, int]) -> None:
         """As ``DiskSource.load_verified``, each model/optimizer tensor's box assembled from

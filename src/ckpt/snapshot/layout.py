@@ -352,6 +352,35 @@ def check_payload_seal(view: memoryview, expected_crc: int) -> None:
     _check_payload_crc(view, _header_fields(view)[3], expected_crc)
 
 
+def read_meta_head(view: memoryview) -> dict[str, Any]:
+    """The meta's leading scalar fields (job, rank, world_size, step: the hook writes them
+    first), without parsing the rest, which costs seconds for 100k tensors. Stops at the
+    first field whose value is an object or array. For listing a slot whose seal was
+    checked (``check_payload_seal``); CorruptCheckpointError when the text is not JSON."""
+    meta_bytes = _header_fields(view)[0]
+    text = bytes(view[HEADER_BYTES:HEADER_BYTES + min(meta_bytes, _META_HEAD_BYTES)]
+                 ).decode("utf-8", errors="replace")
+    decoder, head, i = json.JSONDecoder(), {}, 1
+    if not text.startswith("{"):
+        raise _corrupt("meta is not a JSON object")
+    try:
+        while i < len(text) and text[i] == '"':
+            key, i = decoder.raw_decode(text, i)
+            if text[i] != ":" or text[i + 1] in "{[":
+                break
+            head[key], i = decoder.raw_decode(text, i + 1)
+            if text[i] != ",":
+                break
+            i += 1
+    except (ValueError, IndexError):
+        if len(text) == meta_bytes:  # the whole meta was there: it is not JSON
+            raise _corrupt("meta is not valid JSON") from None
+    return head
+
+
+_META_HEAD_BYTES = 4096
+
+
 def read_payload(view: memoryview, expected_crc: int | None = None
                  ) -> tuple[PayloadLayout, dict[str, Any], np.ndarray]:
     """Parse and validate a payload: returns (layout, meta, crc array copy as uint32).
