@@ -28,7 +28,9 @@ MUL = np.frombuffer(_ec.gf_mul_table(), dtype=np.uint8).reshape(256, 256)
 def simd_level(level: str):
     """Parameter for one SIMD level, skipped (naming the missing CPU feature) when unusable."""
     reason = None
-    if level not in _ec.compiled_isas():
+    if level == "neon" and platform.machine() not in ("aarch64", "arm64"):
+        reason = f"neon kernels exist only on aarch64 builds; this is {platform.machine()}"
+    elif level not in _ec.compiled_isas():
         reason = f"{level} kernels are not compiled into this build (CKPT_EC_NO_TABLE_SIMD)"
     elif level not in _ec.available_isas():
         reason = f"this CPU (or its OS) lacks {FEATURE_OF[level]}: cpu_features() = {_ec.cpu_features()}"

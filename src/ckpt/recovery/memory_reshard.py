@@ -79,6 +79,16 @@ class _Part:
         return int(src.min()) // chunk_bytes, (int(src.max()) + run - 1) // chunk_bytes + 1
 
 
+@dataclass
+class _Checked:
+    """The chunks ``[lo, hi)`` of one slot tensor that were checksummed, and the damaged
+    ones among them: chunk -> (crc32c found, crc32c recorded)."""
+
+    lo: int
+    hi: int
+    bad: dict[int, tuple[int, int]]
+
+
 def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(x - y for x, y in zip(a, b))
 
@@ -153,7 +163,7 @@ class MemoryReshardSource(BufferedSource):
         ``tensor_bytes``: each model/optimizer box from the slots that hold it, per-rank
         tensors from ``source_rank``'s slot. Every chunk read is checked first, so no
         damaged byte reaches any buffer."""
-        buffers, _ = self._outputs(dst_addrs)
+        buffers = self._arena_buffers(dst_addrs)
         parts: list[_Part] = []
         for i, e in enumerate(self.meta["tensors"]):
             if not e["nbytes"]:
@@ -242,8 +252,7 @@ class MemoryReshardSource(BufferedSource):
     def _choose_verified_replicas(self, parts: list[_Part]) -> None:
         """Checksum the chunks each part reads from its chosen replica; move a part whose
         chunks are damaged to its next replica. CorruptChunkError when one has none left."""
-        checked: dict[tuple[int, int], tuple[int, int, set[int]]] = {}  # lo, hi, bad chunks
-        first_bad: dict[tuple[int, int], tuple[int, int, int]] = {}     # chunk, actual, crc
+        checked: dict[tuple[int, int], _Checked] = {}  # by (rank, tensor index)
         while True:
             need: dict[tuple[int, int], tuple[int, int]] = {}
             for part in parts:
@@ -251,10 +260,10 @@ class MemoryReshardSource(BufferedSource):
                 key = (p.rank, p.index)
                 lo, hi = part.chunk_span(self._slots[p.rank].layout.chunk_bytes)
                 c = checked.get(key)
-                if c is not None and c[0] <= lo and hi <= c[1]:
+                if c is not None and c.lo <= lo and hi <= c.hi:
                     continue
                 if c is not None:
-                    lo, hi = min(lo, c[0]), max(hi, c[1])
+                    lo, hi = min(lo, c.lo), max(hi, c.hi)
                 n = need.get(key)
                 need[key] = (min(lo, n[0]), max(hi, n[1])) if n else (lo, hi)
             if not need:
@@ -263,25 +272,26 @@ class MemoryReshardSource(BufferedSource):
                 ranges = [(j, lo, hi) for (r, j), (lo, hi) in need.items() if r == rank]
                 bad = self._slots[rank].bad_chunks(ranges)
                 for j, lo, hi in ranges:
-                    checked[(rank, j)] = (lo, hi, {c for k, c, _, _ in bad if k == j})
-                for j, c, actual, recorded in bad:
-                    first_bad.setdefault((rank, j), (c, actual, recorded))
+                    checked[(rank, j)] = _Checked(lo, hi, {c: (actual, recorded)
+                                                           for k, c, actual, recorded in bad
+                                                           if k == j})
             for part in parts:
-                self._skip_damaged(part, checked, first_bad)
+                self._skip_damaged(part, checked)
 
-    def _skip_damaged(self, part: _Part, checked: dict, first_bad: dict) -> None:
+    def _skip_damaged(self, part: _Part, checked: dict[tuple[int, int], _Checked]) -> None:
         while True:
             p = part.piece
-            _, _, bad = checked.get((p.rank, p.index), (0, 0, set()))
+            c = checked.get((p.rank, p.index))
             lo, hi = part.chunk_span(self._slots[p.rank].layout.chunk_bytes)
-            if not any(lo <= c < hi for c in bad):
+            hits = sorted(k for k in (c.bad if c else ()) if lo <= k < hi)
+            if not hits:
                 return  # clean, or its span is checked in the next round
             if part.choice + 1 == len(part.replicas):
-                chunk, actual, recorded = first_bad[(p.rank, p.index)]
+                actual, recorded = c.bad[hits[0]]  # type: ignore[union-attr]
                 tried = [q.rank for q in part.replicas]
                 raise CorruptChunkError(
                     f"{self._slots[p.rank].where} (step {self.step}): tensor {p.name!r} chunk "
-                    f"{chunk} has crc32c {actual:#010x}, recorded {recorded:#010x}"
+                    f"{hits[0]} has crc32c {actual:#010x}, recorded {recorded:#010x}"
                     + (f"; its replicas on ranks {tried[:-1]} are damaged too"
                        if len(tried) > 1 else ""))
             part.choice += 1

@@ -292,13 +292,11 @@ class BufferedSource:
         host arena; CorruptChunkError names the first damaged chunk."""
         self.load_verified({})
 
-    def _outputs(self, dst_addrs: dict[int, int]) -> tuple[list[torch.Tensor | None], list[Any]]:
-        """(buffers, outs): a writable ``out`` per tensor entry, the live memory at
-        ``dst_addrs[i]`` or a slice of a fresh arena, whose tensor ``buffers[i]`` is kept
-        for ``tensor_bytes`` once the load succeeded (None for live memory); ``out`` is
-        None for empty tensors. Until then no buffer of an earlier load is served."""
-        import ctypes
-
+    def _arena_buffers(self, dst_addrs: dict[int, int]) -> list[torch.Tensor | None]:
+        """A host buffer per tensor entry not in ``dst_addrs`` (None for those: they are
+        filled in live memory), slices of one fresh arena. They are kept for
+        ``tensor_bytes`` once the load succeeded; until then no buffer of an earlier load
+        is served."""
         sizes = [int(e["nbytes"]) for e in self.meta["tensors"]]
         offsets, total = [], 0
         for i, n in enumerate(sizes):
@@ -307,17 +305,31 @@ class BufferedSource:
                 total += -(-n // self._ALIGN_BYTES) * self._ALIGN_BYTES
         arena = self._arena(total)
         buffers: list[torch.Tensor | None] = []
-        outs: list[Any] = []
         for i, (n, off) in enumerate(zip(sizes, offsets)):
             if i in dst_addrs:
                 buffers.append(None)
-                outs.append((ctypes.c_ubyte * n).from_address(dst_addrs[i]) if n else None)
-                continue
-            buf = (torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=off) if n
-                   else torch.empty(0, dtype=torch.uint8))
-            buffers.append(buf)
-            outs.append(buf.numpy() if n else None)
+            elif n:
+                buffers.append(torch.frombuffer(arena, dtype=torch.uint8, count=n, offset=off))
+            else:
+                buffers.append(torch.empty(0, dtype=torch.uint8))
         self._buffers = []
+        return buffers
+
+    def _outputs(self, dst_addrs: dict[int, int]) -> tuple[list[torch.Tensor | None], list[Any]]:
+        """(buffers, outs): ``_arena_buffers``, and a writable ``out`` per tensor entry,
+        the live memory at ``dst_addrs[i]`` or its arena buffer; None for empty tensors."""
+        import ctypes
+
+        buffers = self._arena_buffers(dst_addrs)
+        outs: list[Any] = []
+        for i, (e, buf) in enumerate(zip(self.meta["tensors"], buffers)):
+            n = int(e["nbytes"])
+            if not n:
+                outs.append(None)
+            elif buf is None:
+                outs.append((ctypes.c_ubyte * n).from_address(dst_addrs[i]))
+            else:
+                outs.append(buf.numpy())
         return buffers, outs
 
     def _loaded(self, buffers: list[torch.Tensor | None]) -> None:
