@@ -68,6 +68,7 @@ ext_modules = [
         sources=[
             "csrc/bindings.cc",
             "csrc/crc32c.cc",
+            "csrc/crc32c_fold.cc",
             "csrc/copy_engine.cc",
             "csrc/segment.cc",
         ],

@@ -178,7 +178,7 @@ PYBIND11_MODULE(_C, m) {
         return crc32c_combine(crc_a, crc_b, as_u64(len_b, "crc32c_combine", "len_b"));
       },
       py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"), "crc32c(A + B) from crc32c(A), crc32c(B), len(B).");
-  m.def("crc32c_impl", &crc32c_impl, "\"sse4.2\" or \"scalar\" (chosen once at import; CKPT_CRC_IMPL=scalar forces scalar).");
+  m.def("crc32c_impl", &crc32c_impl, "\"vpclmulqdq\", \"sse4.2\", \"armv8-crc\" or \"scalar\" (chosen once at import; CKPT_CRC_IMPL=scalar or =sse4.2 caps it).");
   m.def(
       "_crc32c_scalar",
       [](py::handle data, uint32_t value) {

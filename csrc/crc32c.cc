@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "copy_bytes.h"
+#include "crc32c_fold.h"
 #include "crc32c_split.h"
 
 #if defined(__x86_64__)  // crc32 on 64-bit words; 32-bit x86 takes the scalar path
@@ -42,6 +43,7 @@ struct Tables {
   uint32_t shift_long[4][256];  // multiply by x^(8*kLong) mod P
   uint32_t shift_short[4][256]; // multiply by x^(8*kShort) mod P
   bool hw = false;
+  bool fold = false;  // long runs by carry-less folding (crc32c_fold.h)
   bool blocked = false;
   Tables();
 };
@@ -124,6 +126,8 @@ Tables::Tables() {
   const char* impl = std::getenv("CKPT_CRC_IMPL");
   bool force_scalar = impl && std::strcmp(impl, "scalar") == 0;
   hw = !force_scalar && cpu_has_crc_instruction();
+  // CKPT_CRC_IMPL=sse4.2 keeps the crc32 instruction where folding would be chosen.
+  fold = hw && !(impl && std::strcmp(impl, "sse4.2") == 0) && fold::available();
   const char* fuse = std::getenv("CKPT_FUSE_MODE");
   blocked = fuse && std::strcmp(fuse, "blocked") == 0;
 }
@@ -251,12 +255,44 @@ CKPT_CRC_TARGET uint32_t hw_update(const Tables& t, uint32_t c, const unsigned c
 }
 #endif
 
+// Runs shorter than this stay on the crc32 instruction: folding has a fixed cost of
+// about one round's worth of crc32 work (the lane reduction).
+constexpr size_t kFoldMinBytes = 2048;
+
 uint32_t update(const Tables& t, uint32_t c, const unsigned char* p, size_t n) {
 #ifdef CKPT_CRC_HW
+  if (t.fold && n >= kFoldMinBytes) {
+    const size_t bulk = n - n % fold::kRoundBytes;
+    c = fold::update(c, p, bulk);
+    p += bulk;
+    n -= bulk;
+  }
   if (t.hw) return hw_update<false>(t, c, p, nullptr, n);
 #endif
   return scalar_update(t, c, p, n);
 }
+
+#ifdef CKPT_CRC_HW
+// The fused copy by folding: streamed (non-temporal) where hw_update would stream, once
+// the destination is 64-byte aligned (the bytes before that go through hw_update).
+uint32_t fold_copy(const Tables& t, uint32_t c, const unsigned char* s, unsigned char* d,
+                   size_t n) {
+  bool stream = false;
+#ifdef CKPT_X86
+  if (n >= kStreamMinBytes && stream_safe(s, d)) {
+    const size_t head = -reinterpret_cast<uintptr_t>(d) & 63;
+    c = hw_update<true>(t, c, s, d, head);
+    s += head;
+    d += head;
+    n -= head;
+    stream = true;
+  }
+#endif
+  const size_t bulk = n - n % fold::kRoundBytes;
+  if (bulk) c = fold::update_copy(c, s, d, bulk, stream);
+  return hw_update<true>(t, c, s + bulk, d + bulk, n - bulk);
+}
+#endif
 
 }  // namespace
 
@@ -275,6 +311,7 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc) {
   auto* s = static_cast<const unsigned char*>(src);
   uint32_t c = ~crc;
 #ifdef CKPT_CRC_HW
+  if (t.fold && !t.blocked && n >= kFoldMinBytes) return ~fold_copy(t, c, s, d, n);
   if (t.hw && !t.blocked) return ~hw_update<true>(t, c, s, d, n);
 #endif
   // Blocked: copy a block that fits in L2, then crc the destination while hot.
@@ -295,7 +332,7 @@ uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
 
 const char* crc32c_impl() {
 #if defined(CKPT_X86)
-  return tables().hw ? "sse4.2" : "scalar";
+  return tables().fold ? "vpclmulqdq" : tables().hw ? "sse4.2" : "scalar";
 #else
   return tables().hw ? "armv8-crc" : "scalar";
 #endif

@@ -1,7 +1,7 @@
 // crc32c (Castagnoli, reflected polynomial 0x82F63B78) with a runtime-chosen
 // implementation: the crc32c instruction (SSE4.2 on x86-64, the CRC extension on
-// aarch64) over three interleaved streams when the CPU has it, slice-by-8 tables
-// otherwise. The scalar version is the oracle for tests.
+// aarch64) over three interleaved streams when the CPU has it, runs of 2 KiB and more
+// folded with AVX-512 VPCLMULQDQ where the CPU has that, slice-by-8 tables otherwise. The scalar version is the oracle for tests.
 #pragma once
 
 #include <cstddef>
@@ -20,8 +20,9 @@ uint32_t crc32c_copy(void* dst, const void* src, size_t n, uint32_t crc = 0);
 // crc32c of A||B given crc(A), crc(B) and len(B).
 uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 
-// "sse4.2", "armv8-crc" or "scalar"; chosen once at load (env CKPT_CRC_IMPL=scalar
-// forces scalar).
+// "vpclmulqdq" (long runs folded, the rest by the crc32 instruction), "sse4.2",
+// "armv8-crc" or "scalar"; chosen once at load (env CKPT_CRC_IMPL=scalar forces scalar,
+// CKPT_CRC_IMPL=sse4.2 the crc32 instruction without folding).
 const char* crc32c_impl();
 
 // Always-scalar versions (the oracle), exposed for tests and benchmarks.

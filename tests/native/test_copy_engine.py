@@ -21,7 +21,7 @@ def _expected_crcs(arrays: list[np.ndarray], chunk_bytes: int) -> list[int]:
     out = []
     for a in arrays:
         for off in range(0, a.nbytes, chunk_bytes):
-            out.append(_C.crc32c(a[off : off + chunk_bytes]))
+            out.append(_C._crc32c_scalar(a[off : off + chunk_bytes]))  # the oracle
     return out
 
 
@@ -71,7 +71,7 @@ def test_big_copies_stream_past_the_cache_and_stay_exact_at_any_alignment(src_of
     with _C.CopyEngine(1) as engine:
         engine.submit([(src.ctypes.data, out.ctypes.data, nbytes)], 1 << 30, crcs.ctypes.data).wait(30)
     assert np.array_equal(out, src)
-    assert int(crcs[0]) == _C.crc32c(src)
+    assert int(crcs[0]) == _C._crc32c_scalar(src)
     assert (dst[-64:] == 0xAB).all() and not dst[:dst_offset].any()
 
 
@@ -93,7 +93,35 @@ def test_big_copies_are_exact_on_both_sides_of_the_streaming_window(ahead: int) 
         engine.submit([(src.ctypes.data, out.ctypes.data, nbytes)], 1 << 30, crcs.ctypes.data).wait(30)
     assert (out.ctypes.data - src.ctypes.data) % 4096 == ahead
     assert np.array_equal(out, src)
-    assert int(crcs[0]) == _C.crc32c(src)
+    assert int(crcs[0]) == _C._crc32c_scalar(src)
+
+
+@pytest.mark.parametrize("dst_misalignment", [0, 1, 8, 63])
+def test_a_streamed_fused_copy_to_any_64_byte_misalignment_is_exact(dst_misalignment: int) -> None:
+    """Folded copies stream once the destination is 64-byte aligned: the bytes before
+    that, the folded rounds and the tail after the last round must join up."""
+    nbytes = (1 << 20) + 77
+    src = _random(nbytes + 64, seed=dst_misalignment)
+    src = src[-src.ctypes.data % 64:][:nbytes]  # a 64-byte aligned source
+    out = _placed(nbytes, src, 1024 + dst_misalignment)  # inside the streaming window
+    assert out.ctypes.data % 64 == dst_misalignment
+    crcs = np.zeros(1, dtype=np.uint32)
+    with _C.CopyEngine(1) as engine:
+        engine.submit([(src.ctypes.data, out.ctypes.data, nbytes)], 1 << 30, crcs.ctypes.data).wait(30)
+    assert np.array_equal(out, src)
+    assert int(crcs[0]) == _C._crc32c_scalar(src)
+
+
+def test_fused_copies_of_every_length_around_the_folding_threshold_are_exact() -> None:
+    src = _random(4096 + 64, seed=11)
+    crcs = np.zeros(1, dtype=np.uint32)
+    with _C.CopyEngine(1) as engine:
+        for n in range(1792, 2816):
+            piece = src[n % 64:n % 64 + n]
+            out = np.zeros(n + 1, dtype=np.uint8)
+            engine.submit([(piece.ctypes.data, out.ctypes.data, n)], 1 << 20, crcs.ctypes.data).wait(30)
+            assert np.array_equal(out[:n], piece) and out[n] == 0, n
+            assert int(crcs[0]) == _C._crc32c_scalar(piece), n
 
 
 def test_no_placement_of_the_destination_makes_the_fused_copy_crawl() -> None:

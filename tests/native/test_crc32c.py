@@ -38,7 +38,10 @@ def _crc_instruction() -> tuple[str, bool]:
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         with open("/proc/cpuinfo") as f:
-            return "sse4.2", " sse4_2" in f.read()
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+        folds = {"avx512f", "vpclmulqdq", "pclmulqdq"} <= flags
+        capped = os.environ.get("CKPT_CRC_IMPL") == "sse4.2"
+        return ("vpclmulqdq" if folds and not capped else "sse4.2"), "sse4_2" in flags
     if machine in ("aarch64", "arm64"):
         with open("/proc/self/auxv", "rb") as f:
             auxv = np.frombuffer(f.read(), dtype=np.uint64).reshape(-1, 2)
@@ -62,6 +65,17 @@ def test_hardware_crc_equals_scalar_on_random_lengths_and_unaligned_starts() -> 
         start = rng.randrange(0, 16)
         view = memoryview(buf)[start : start + n]
         assert _C.crc32c(view) == _C._crc32c_scalar(view), (n, start)
+
+
+def test_every_length_around_the_folding_rounds_equals_scalar_at_any_start() -> None:
+    # Runs of 2 KiB and more are folded 256 bytes a round; the rest of a run, and
+    # shorter runs, take the crc32 instruction. Every split between the two, every start.
+    buf = np.random.default_rng(6).integers(0, 256, 8192 + 64, dtype=np.uint8).tobytes()
+    for n in list(range(1792, 2816)) + [4095, 4096, 4097, 8191, 8192]:
+        start = n % 64
+        view = memoryview(buf)[start:start + n]
+        assert _C.crc32c(view) == _C._crc32c_scalar(view), (n, start)
+        assert _C.crc32c(view, 0x12345678) == _C._crc32c_scalar(view, 0x12345678), n
 
 
 def test_crc32c_continues_from_a_previous_value() -> None:
@@ -124,13 +138,17 @@ def test_native_error_is_the_ckpt_error_class() -> None:
     assert issubclass(_C.NativeError, RuntimeError)
 
 
-@pytest.mark.skipif(os.environ.get("CKPT_CRC_IMPL") == "scalar", reason="already the scalar run")
-def test_native_suite_passes_with_scalar_crc() -> None:
+@pytest.mark.parametrize("impl", ["scalar", "sse4.2"])
+def test_native_suite_passes_with_the_crc_capped(impl: str) -> None:
+    if os.environ.get("CKPT_CRC_IMPL"):
+        pytest.skip("already a capped run")
+    if impl == "sse4.2" and _C.crc32c_impl() != "vpclmulqdq":
+        pytest.skip("no folding on this CPU: the default run is the sse4.2 (or scalar) run")
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "CKPT_CRC_IMPL": "scalar"}
+    env = {**os.environ, "CKPT_CRC_IMPL": impl}
     check = subprocess.run([sys.executable, "-c", "from ckpt import _C; print(_C.crc32c_impl())"],
                            env=env, capture_output=True, text=True, check=True)
-    assert check.stdout.strip() == "scalar"
+    assert check.stdout.strip() == impl
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
          os.path.join(here, "test_crc32c.py"), os.path.join(here, "test_copy_engine.py")],
