@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from snapshot_stall import build, state_tensors  # noqa: E402
+from snapshot_stall import build, copy_jobs, state_tensors  # noqa: E402
 
 from ckpt import _C  # noqa: E402
 
@@ -47,13 +47,8 @@ def measure(state_gib: float, steps: int, rounds: int) -> dict:
                     dtype=np.uint32)
     engine = _C.CopyEngine(1)
 
-    def jobs() -> list[tuple[int, int, int]]:
-        out, off = [], 0
-        for t in tensors:
-            n = t.numel() * t.element_size()
-            out.append((t.data_ptr(), dst.data_ptr() + off, n))
-            off += n
-        return out
+    def jobs() -> list[tuple[int, int, int]]:  # data_ptr()s move as the optimizer steps
+        return copy_jobs(tensors, dst.data_ptr())
 
     def one_step(mode: str) -> list[float]:
         ticket = None

@@ -99,6 +99,16 @@ def state_tensors(model, optimizer) -> list[torch.Tensor]:
     return out
 
 
+def copy_jobs(tensors: list[torch.Tensor], dst_addr: int) -> list[tuple[int, int, int]]:
+    """Copy-engine jobs that lay ``tensors`` out back to back from ``dst_addr``."""
+    jobs, off = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        jobs.append((t.data_ptr(), dst_addr + off, n))
+        off += n
+    return jobs
+
+
 def measure_copy_s(tensors: list[torch.Tensor]) -> tuple[float, int]:
     """One core copying the whole state into pre-faulted memory (the physical floor's cost)."""
     total = sum(t.numel() * t.element_size() for t in tensors)
@@ -107,11 +117,7 @@ def measure_copy_s(tensors: list[torch.Tensor]) -> tuple[float, int]:
     engine = _C.CopyEngine(1)
     best = float("inf")
     for _ in range(3):
-        jobs, off = [], 0
-        for t in tensors:
-            n = t.numel() * t.element_size()
-            jobs.append((t.data_ptr(), dst.data_ptr() + off, n))
-            off += n
+        jobs = copy_jobs(tensors, dst.data_ptr())
         t0 = time.perf_counter()
         engine.submit(jobs, 4 << 20, 0).wait(60)
         best = min(best, time.perf_counter() - t0)

@@ -283,15 +283,16 @@ class MemoryReshardSource(BufferedSource):
             p = part.piece
             c = checked.get((p.rank, p.index))
             lo, hi = part.chunk_span(self._slots[p.rank].layout.chunk_bytes)
-            hits = sorted(k for k in (c.bad if c else ()) if lo <= k < hi)
+            hits = [k for k in (c.bad if c else ()) if lo <= k < hi]
             if not hits:
                 return  # clean, or its span is checked in the next round
             if part.choice + 1 == len(part.replicas):
-                actual, recorded = c.bad[hits[0]]  # type: ignore[union-attr]
+                chunk = min(hits)
+                actual, recorded = c.bad[chunk]  # type: ignore[union-attr]
                 tried = [q.rank for q in part.replicas]
                 raise CorruptChunkError(
                     f"{self._slots[p.rank].where} (step {self.step}): tensor {p.name!r} chunk "
-                    f"{hits[0]} has crc32c {actual:#010x}, recorded {recorded:#010x}"
+                    f"{chunk} has crc32c {actual:#010x}, recorded {recorded:#010x}"
                     + (f"; its replicas on ranks {tried[:-1]} are damaged too"
                        if len(tried) > 1 else ""))
             part.choice += 1
