@@ -42,7 +42,8 @@ _WORKER = textwrap.dedent("""
         sl = tuple(slice(o, o + n) for o, n in zip(g.offsets, g.shape))
         assert torch.equal(full[sl], g.local)
         out[name] = [list(g.shape), list(g.global_shape), list(g.offsets)]
-    print(json.dumps(out))
+    print(json.dumps(out), flush=True)
+    dist.barrier()  # neither rank tears gloo down while its peer still talks to it
     dist.destroy_process_group()
 """)
 
