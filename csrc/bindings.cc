@@ -36,12 +36,15 @@ uint64_t as_u64(py::handle h, const std::string& call, const std::string& what) 
   return static_cast<uint64_t>(v);
 }
 
-std::vector<CopyJob> parse_jobs(py::handle jobs, const std::string& call, size_t arity) {
+// from_file: jobs are (file_offset, dst_addr, nbytes); an offset may be 0 and cannot overlap.
+std::vector<CopyJob> parse_jobs(py::handle jobs, const std::string& call, size_t arity,
+                                bool from_file = false) {
   if (!py::isinstance<py::sequence>(jobs)) fail(call + ": jobs must be a list of tuples");
   auto seq = py::reinterpret_borrow<py::sequence>(jobs);
   std::vector<CopyJob> out;
   out.reserve(seq.size());
-  const char* shape = arity == 3 ? "(src_addr, dst_addr, nbytes)" : "(addr, nbytes)";
+  const char* shape = from_file ? "(file_offset, dst_addr, nbytes)"
+                      : arity == 3 ? "(src_addr, dst_addr, nbytes)" : "(addr, nbytes)";
   for (size_t i = 0; i < seq.size(); i++) {
     py::object item = seq[i];
     std::string where = "job " + std::to_string(i);
@@ -49,7 +52,13 @@ std::vector<CopyJob> parse_jobs(py::handle jobs, const std::string& call, size_t
       fail(call + ": " + where + " must be a tuple " + shape);
     auto t = py::reinterpret_borrow<py::sequence>(item);
     CopyJob j;
-    if (arity == 3) {
+    if (from_file) {
+      j.src = as_u64(t[0], call, where + " file_offset");
+      j.dst = as_u64(t[1], call, where + " dst_addr");
+      j.nbytes = as_u64(t[2], call, where + " nbytes");
+      if (j.nbytes && j.dst == 0) fail(call + ": " + where + " has a null dst_addr");
+      if (j.src > (1ull << 62) || j.nbytes > (1ull << 62)) fail(call + ": " + where + " is beyond any file");
+    } else if (arity == 3) {
       j.src = as_u64(t[0], call, where + " src_addr");
       j.dst = as_u64(t[1], call, where + " dst_addr");
       j.nbytes = as_u64(t[2], call, where + " nbytes");
@@ -267,6 +276,20 @@ PYBIND11_MODULE(_C, m) {
           "Copy [(src, dst, nbytes)] chunk by chunk, each only after its source's crc32c equals "
           "expected[k] (u32 LE at expected_crc_addr + 4*k): damaged bytes never reach dst. The "
           "actual crc of every chunk goes to crc_out_addr + 4*k; compare to find the bad ones.")
+      .def(
+          "read_file",
+          [](EngineHandle& h, int fd, py::handle jobs, py::handle chunk_bytes, py::handle crc_out_addr) {
+            if (fd < 0) fail("CopyEngine.read_file: fd must be an open file descriptor, got " + std::to_string(fd));
+            auto j = parse_jobs(jobs, "CopyEngine.read_file", 3, /*from_file=*/true);
+            uint64_t cb = as_u64(chunk_bytes, "CopyEngine.read_file", "chunk_bytes");
+            uint64_t out = as_u64(crc_out_addr, "CopyEngine.read_file", "crc_out_addr");
+            return h.get("read_file").submit(j, cb, out, BatchMode::kReadFile, 0, fd);
+          },
+          py::arg("fd"), py::arg("jobs"), py::arg("chunk_bytes"), py::arg("crc_out_addr"),
+          "pread [(file_offset, dst, nbytes)] of file fd (kept open until the ticket is done) "
+          "into dst, storing the crc32c of each chunk of what was read at crc_out_addr + 4*k "
+          "(0: no crc). The pages read are never mapped here: nothing to fault in or unmap. "
+          "A file shorter than a job fails the ticket.")
       .def_property_readonly("threads", [](EngineHandle& h) { return h.get("threads").threads(); })
       .def(
           "close",
@@ -319,6 +342,9 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("size_bytes", &Segment::size_bytes)
       .def_property_readonly("closed", &Segment::closed)
       .def("slot_address", &Segment::slot_address, py::arg("i"))
+      .def("fileno", &Segment::fileno,
+           "The segment's file descriptor (owned by the segment, valid until close()): for "
+           "CopyEngine.read_file, which reads a slot without mapping its pages here.")
       .def_property_readonly("base_address", &Segment::base_address,
                              "Address of byte 0 of the mapping (the header); size_bytes long.")
       .def(

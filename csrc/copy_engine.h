@@ -17,13 +17,14 @@
 namespace ckpt {
 
 struct CopyJob {
-  uint64_t src = 0;  // 0 for crc-only batches
+  uint64_t src = 0;  // an address; kReadFile: an offset in the batch's file
   uint64_t dst = 0;
   uint64_t nbytes = 0;
 };
 
 struct Piece {
-  const unsigned char* src;
+  const unsigned char* src;  // kReadFile: nullptr (the bytes are at `offset` in the file)
+  uint64_t offset;           // kReadFile only
   unsigned char* dst;  // nullptr: crc only
   uint64_t nbytes;
   uint64_t chunk;  // chunk index
@@ -35,6 +36,7 @@ enum class BatchMode {
   kCopy,          // copy (and crc the bytes when crc_out is set)
   kCrcOnly,       // crc only
   kVerifiedCopy,  // crc the source chunk; copy it only if it equals the expected crc
+  kReadFile,      // pread() from the batch's file into dst (and crc what landed, when crc_out is set)
 };
 
 // Shared state of one submit(); outlives the engine (tickets hold a shared_ptr).
@@ -44,6 +46,7 @@ struct Batch {
   uint32_t* crc_out = nullptr;  // nullptr: no crc
   const unsigned char* expected = nullptr;  // kVerifiedCopy: expected crc32c per chunk (u32 LE)
   BatchMode mode = BatchMode::kCopy;
+  int fd = -1;                           // kReadFile: the file read from (the caller keeps it open)
   uint64_t bytes_total = 0;
   size_t next = 0;                       // guarded by the engine mutex
   std::atomic<size_t> finished{0};
@@ -78,8 +81,10 @@ class CopyEngine {
   // expected_crc (the crc array the chunks were sealed with): a chunk whose source
   // does not match is not copied, so damaged bytes never reach the destination;
   // crc_out receives every chunk's actual crc for the caller to compare.
+  // kReadFile reads each job's src as an offset in file `fd`, which must stay open until
+  // the ticket is done; a file that ends before a job does fails the batch.
   CopyTicket submit(const std::vector<CopyJob>& jobs, uint64_t chunk_bytes, uint64_t crc_out,
-                    BatchMode mode, uint64_t expected_crc = 0);
+                    BatchMode mode, uint64_t expected_crc = 0, int fd = -1);
   // Finishes the work already submitted, then stops the workers. Idempotent. In a
   // child of fork() (which has none of the workers) it only forgets them.
   void close();

@@ -43,6 +43,8 @@ std::shared_ptr<Mapping> map_fd(const char* call, const std::string& name, int f
   auto m = std::make_shared<Mapping>();
   m->addr = p;
   m->size = size;
+  m->fd = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (m->fd < 0) throw NativeErrorCpp(errno_message(std::string(call) + "('" + name + "')", "dup of the segment fd", errno));
   return m;
 }
 
@@ -63,6 +65,7 @@ const char* slot_state_name(uint32_t state) {
 
 Mapping::~Mapping() {
   if (addr) ::munmap(addr, size);
+  if (fd >= 0) ::close(fd);
 }
 
 Segment Segment::create(const std::string& name, uint64_t slot_bytes) {
@@ -195,6 +198,11 @@ void Segment::check_slot(const char* call, int i) const {
 std::shared_ptr<Mapping> Segment::mapping() const {
   hdr("slot_view");
   return map_;
+}
+
+int Segment::fileno() const {
+  hdr("fileno");
+  return map_->fd;
 }
 
 uint64_t Segment::slot_bytes() const {

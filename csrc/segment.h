@@ -52,6 +52,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free, "u64 atomics must be l
 struct Mapping {
   void* addr = nullptr;
   uint64_t size = 0;
+  int fd = -1;  // the segment's file, open as long as the mapping: pread without faulting pages in
   ~Mapping();
 };
 
@@ -79,6 +80,9 @@ class Segment {
   uint64_t slot_address(int i) const;
   uint64_t base_address() const;             // byte 0 of the mapping (the header); size_bytes() long
   std::shared_ptr<Mapping> mapping() const;  // throws when closed
+  // The segment's file (open read-write, close-on-exec), valid until close(): reading a
+  // slot with pread() costs no page faults in this process, and nothing to unmap later.
+  int fileno() const;
 
   bool try_lock(int i, uint64_t owner_pid, const std::string& mode);
   std::optional<std::pair<std::string, uint64_t>> lock_owner(int i) const;

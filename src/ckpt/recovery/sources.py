@@ -137,6 +137,7 @@ class MemorySource:
             self._meta_bytes = int.from_bytes(bytes(self._view[16:24]), "little")
             self._data_addr = (self._seg.slot_address(candidate.slot)
                                + self.layout.data_offset(self._meta_bytes))
+            self._data_file_offset = self._data_addr - self._seg.base_address
         except BaseException:
             self.close()
             raise
@@ -144,11 +145,15 @@ class MemorySource:
         self.verified = False
 
     def load_verified(self, dst_addrs: dict[int, int]) -> None:
-        """Copy tensor ``i`` to ``dst_addrs[i]`` and checksum every chunk in the same pass
-        (native, all workers: crc32c computed while storing, so the slot is read once);
-        checksum the other tensors in place. A chunk whose crc does not match is zeroed in
-        its destination before CorruptChunkError (naming the first bad chunk) is raised:
-        no damaged byte is left in a live tensor, as on the disk tier."""
+        """Read tensor ``i`` into ``dst_addrs[i]`` and checksum every chunk as it lands
+        (native, all workers); checksum the other tensors in place. A chunk whose crc does
+        not match is zeroed in its destination before CorruptChunkError (naming the first
+        bad chunk) is raised: no damaged byte is left in a live tensor, as on the disk tier.
+
+        The copied tensors are read with pread() from the segment's file, not through the
+        mapping: a fresh mapping would fault in every page (4 KiB each: shmem gets no huge
+        pages by default) and unmapping them later holds the process's mmap lock for ~35 ms
+        per GiB, which stalls whatever maps memory or starts a thread meanwhile."""
         layout = self.layout
         actual = np.zeros(max(layout.num_chunks, 1), dtype=np.uint32)
         tickets = [self._submit_run(copy, run, dst_addrs, actual)
@@ -167,9 +172,10 @@ class MemorySource:
         out = actual.ctypes.data + 4 * tensors[run[0]].first_chunk
         base = self._data_addr
         if copy:
-            jobs = [(base + tensors[i].data_offset, dst_addrs[i], tensors[i].spec.nbytes)
+            start = self._data_file_offset
+            jobs = [(start + tensors[i].data_offset, dst_addrs[i], tensors[i].spec.nbytes)
                     for i in run]
-            return self.engine.submit(jobs, self.layout.chunk_bytes, out)
+            return self.engine.read_file(self._seg.fileno(), jobs, self.layout.chunk_bytes, out)
         jobs = [(base + tensors[i].data_offset, tensors[i].spec.nbytes) for i in run]
         return self.engine.crc_chunks(jobs, self.layout.chunk_bytes, out)
 
