@@ -35,7 +35,7 @@ from ckpt.format.pack import pack_payload
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from persist import dd_gbps  # noqa: E402  (same dd as bench/persist.py)
 
-_LOGGED_RE = re.compile(r"persisted job (\S+) step (\d+) ranks \[[^\]]*\] in ([\d.]+) s"
+LOGGED_PERSIST_RE = re.compile(r"persisted job (\S+) step (\d+) ranks \[[^\]]*\] in ([\d.]+) s"
                         r"(?: \(staging ([\d.]+) s, writing ([\d.]+) s\))?")
 
 
@@ -128,7 +128,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         logged = {int(m.group(2)): m.groups()[2:]
-                  for m in _LOGGED_RE.finditer(log.read_text()) if m.group(1) == job}
+                  for m in LOGGED_PERSIST_RE.finditer(log.read_text()) if m.group(1) == job}
         dd_after = dd_gbps(tmp_s)
     data_bytes = n * 4
     best_dd = max(dd, dd_after)

@@ -12,8 +12,10 @@ Per mode: mean step time, throughput relative to ``none`` and the blocking stall
 snapshot (time the training thread spends inside the checkpoint call and waiting for
 it before the optimizer may run). The physical floor on a CPU: one core must copy the
 whole state once per step, measured here as ``t_copy``; floor = 1 - t_copy / (cores x
-step time). Then: restore from daemon memory, from disk and with ``dcp.load``; persist
-throughput vs ``dd oflag=direct`` on the same disk. Prints a table and a JSON line.
+step time). Then: persist throughput vs ``dd oflag=direct`` on the same disk, run just
+before and just after the persist (the better of the two is the reference), and restore
+from daemon memory, from disk and with ``dcp.load`` (medians of 3 each, the page cache
+dropped before each disk read). Prints a table and a JSON line.
 
 With ``--device cuda`` the model, inputs and AdamW state live on the GPU and a step
 ends when the compute stream has run it. The copy is DMA there, so instead of the
@@ -357,44 +359,84 @@ def drop_page_cache() -> bool:
         return False
 
 
-def measure_restores(model, optimizer, cp, workdir: Path, state_bytes: int, device: str) -> dict:
-    out: dict = {}
-    # Persist the newest snapshot (close() asks the daemon and waits): persist throughput.
+RESTORE_REPEATS = 3  # each restore (and dcp.load) is timed this often; medians are reported
+
+
+def measure_persist(cp, workdir: Path, state_bytes: int) -> dict:
+    """Persist of the newest snapshot (``close()`` asks the daemon and waits) between two dd
+    runs on the same disk; the better dd is the reference (the disk is shared and swings).
+    The earlier modes' buffered writes are flushed first, so neither competes with them."""
+    os.sync()
+    dd_nbytes = min(state_bytes, 2 << 30)
+    out: dict = {"dd_gbps_before": measure_dd(workdir, dd_nbytes)}
     t0 = time.perf_counter()
     cp.close()
     out["persist_s"] = time.perf_counter() - t0
     out["persist_gbps"] = state_bytes / out["persist_s"] / 1e9
+    out["dd_gbps_after"] = measure_dd(workdir, dd_nbytes)
+    out["dd_gbps"] = max(out["dd_gbps_before"], out["dd_gbps_after"])
+    out.update(daemon_persist_split(workdir / "daemon.log"))
+    return out
 
-    cp2 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
-                            daemon_socket=workdir / "daemon.sock", job=JOB)
+
+def daemon_persist_split(log: Path) -> dict:
+    """The daemon's own account of its newest persist of JOB: total, staging (the copy out
+    of the slot) and writing seconds; empty when it logged none (no daemon)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from persist_daemon import LOGGED_PERSIST_RE
+
+    found = [m for m in LOGGED_PERSIST_RE.finditer(log.read_text() if log.exists() else "")
+             if m.group(1) == JOB]
+    if not found or found[-1].group(4) is None:
+        return {}
+    total, staging, writing = (float(v) for v in found[-1].groups()[2:])
+    return {"daemon_persist_s": total, "daemon_staging_s": staging, "daemon_writing_s": writing}
+
+
+def timed_restore(model, optimizer, workdir: Path, device: str) -> tuple[float, str]:
+    """(seconds, tier) of one ``restore()`` by a new Checkpointer, as a restarted trainer."""
+    cp = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
+                           daemon_socket=workdir / "daemon.sock", job=JOB)
     t0 = time.perf_counter()
-    cp2.restore()
+    cp.restore()
     wait_compute(device)
-    out["restore_memory_s"] = time.perf_counter() - t0
-    out["restore_memory_tier"] = cp2.last_restore.tier if cp2.last_restore else "none"
-    cp2.close()
+    seconds = time.perf_counter() - t0
+    tier = cp.last_restore.tier if cp.last_restore else "none"
+    cp.close()
+    return seconds, tier
+
+
+def measure_restores(model, optimizer, workdir: Path, device: str) -> dict:
+    """Medians of RESTORE_REPEATS restores from daemon memory, from disk (page cache dropped
+    before each) and of ``dcp.load`` of the same state (page cache dropped before each)."""
+    out: dict = {}
+    memory = [timed_restore(model, optimizer, workdir, device) for _ in range(RESTORE_REPEATS)]
+    out["restore_memory_runs_s"] = [s for s, _ in memory]
+    out["restore_memory_s"] = statistics.median(out["restore_memory_runs_s"])
+    out["restore_memory_tier"] = memory[-1][1]
 
     from ckpt.control.client import DaemonClient
 
     with DaemonClient(str(workdir / "daemon.sock"), timeout_s=60) as client:
-        client.release(JOB)  # forget the memory tier: the next restore must read the disk
-    out["page_cache_dropped"] = drop_page_cache()
-    cp3 = ckpt.Checkpointer(model, optimizer, dir=workdir / "ckpt", persist_every=0,
-                            daemon_socket=workdir / "daemon.sock", job=JOB)
-    t0 = time.perf_counter()
-    cp3.restore()
-    wait_compute(device)
-    out["restore_disk_s"] = time.perf_counter() - t0
-    out["restore_disk_tier"] = cp3.last_restore.tier if cp3.last_restore else "none"
-    cp3.close()
+        client.release(JOB)  # forget the memory tier: the next restores must read the disk
+    disk = []
+    for _ in range(RESTORE_REPEATS):
+        out["page_cache_dropped"] = drop_page_cache()
+        disk.append(timed_restore(model, optimizer, workdir, device))
+    out["restore_disk_runs_s"] = [s for s, _ in disk]
+    out["restore_disk_s"] = statistics.median(out["restore_disk_runs_s"])
+    out["restore_disk_tier"] = disk[-1][1]
 
     state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
     dcp.save(state, checkpoint_id=str(workdir / "dcp-load"), no_dist=True)
-    drop_page_cache()
-    t0 = time.perf_counter()
-    dcp.load(state, checkpoint_id=str(workdir / "dcp-load"), no_dist=True)
-    wait_compute(device)
-    out["dcp_load_s"] = time.perf_counter() - t0
+    out["dcp_load_runs_s"] = []
+    for _ in range(RESTORE_REPEATS):
+        drop_page_cache()
+        t0 = time.perf_counter()
+        dcp.load(state, checkpoint_id=str(workdir / "dcp-load"), no_dist=True)
+        wait_compute(device)
+        out["dcp_load_runs_s"].append(time.perf_counter() - t0)
+    out["dcp_load_s"] = statistics.median(out["dcp_load_runs_s"])
     return out
 
 
@@ -569,8 +611,9 @@ def main() -> int:
     else:
         t_copy, state_bytes = measure_copy_s(tensors)
     results, ckpt_run = run_modes(model, optimizer, x, y, workdir, args, options)
-    restore = measure_restores(model, optimizer, ckpt_run.cp, workdir, state_bytes, args.device)
-    dd_gbps = measure_dd(workdir, min(state_bytes, 2 << 30))
+    persist = measure_persist(ckpt_run.cp, workdir, state_bytes)
+    restore = measure_restores(model, optimizer, workdir, args.device)
+    dd_gbps = persist["dd_gbps"]
 
     base_step = results["none"]["step_s"]
     if cuda:
@@ -589,17 +632,23 @@ def main() -> int:
         device_fields = cpu_summary(t_copy, cores, results)
     print(f"first cp.step(): returned in {results['ckpt']['first_step_call_s']:.3f} s; the "
           f"segment was ready {results['ckpt']['segment_ready_s']:.2f} s after the call")
-    print(f"restore: memory {restore['restore_memory_s']:.3f} s, disk {restore['restore_disk_s']:.3f} s, "
+    print(f"restore (medians of {RESTORE_REPEATS}): memory {restore['restore_memory_s']:.3f} s, "
+          f"disk {restore['restore_disk_s']:.3f} s, "
           f"dcp.load {restore['dcp_load_s']:.3f} s (memory is {restore['dcp_load_s'] / restore['restore_memory_s']:.1f}x "
           f"faster than dcp.load; page cache dropped: {restore['page_cache_dropped']})")
-    print(f"persist: {restore['persist_gbps']:.2f} GB/s vs dd oflag=direct {dd_gbps:.2f} GB/s "
-          f"({restore['persist_gbps'] / dd_gbps:.0%})")
+    print(f"persist: {persist['persist_gbps']:.2f} GB/s vs dd oflag=direct {dd_gbps:.2f} GB/s "
+          f"(better of {persist['dd_gbps_before']:.2f} before, {persist['dd_gbps_after']:.2f} after) "
+          f"({persist['persist_gbps'] / dd_gbps:.0%})")
+    if "daemon_persist_s" in persist:
+        print(f"persist, as the daemon logged it: {persist['daemon_persist_s']:.3f} s of the "
+              f"{persist['persist_s']:.3f} s close() (staging {persist['daemon_staging_s']:.3f} s, "
+              f"writing {persist['daemon_writing_s']:.3f} s)")
     record = {
         "bench": "snapshot_stall", "ckpt_options": options, "machine": platform.node(),
         "cpu_cores": cores, "python": platform.python_version(), "torch": torch.__version__,
         "ckpt": ckpt.__version__, "state_bytes": state_bytes, "steps": args.steps, **device_fields,
-        "modes": results, "restore": restore,
-        "dd_gbps": dd_gbps, "persist_vs_dd": restore["persist_gbps"] / dd_gbps,
+        "modes": results, "restore": restore, "persist": persist,
+        "dd_gbps": dd_gbps, "persist_vs_dd": persist["persist_gbps"] / dd_gbps,
         "restore_memory_vs_dcp_load": restore["dcp_load_s"] / restore["restore_memory_s"],
         "device": args.device,
     }

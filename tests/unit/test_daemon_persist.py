@@ -544,3 +544,30 @@ def test_full_persist_dir_reports_an_error_while_the_daemon_keeps_serving(tmp_pa
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _maps_arrow(pid: int) -> bool:
+    return "libarrow" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_an_idle_daemon_loads_the_writer_once_a_job_will_be_persisted(tmp_path, job):
+    """The first persist must not pay for importing pyarrow and zstd: the daemon loads them
+    while idle, once a registered job has a persist_dir (and not for a job without one)."""
+    sock = tmp_path / "run" / "daemon.sock"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ckpt.daemon.server", "--socket", str(sock)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = DaemonClient(sock, timeout_s=5)
+        wait_until(lambda: client.ping(0.5), what="daemon up")
+        memory_only = Trainer(client, job + "-m", slot_bytes=1 << 20)
+        time.sleep(3 * persister.SlotPersister.IDLE_POLL_S)
+        assert not _maps_arrow(proc.pid), "a job without persist_dir made the daemon load pyarrow"
+        persisted = Trainer(client, job, slot_bytes=1 << 20, persist_dir=tmp_path / "ckpts")
+        wait_until(lambda: _maps_arrow(proc.pid), what="pyarrow loaded by the idle daemon")
+        persisted.close()
+        memory_only.close()
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -84,6 +84,11 @@ class _ChunkEncoder:
         return (frame, True) if len(frame) < len(raw) else (raw, False)
 
 
+def warm_up_encoder(level: int = DEFAULT_ZSTD_LEVEL) -> None:
+    """Create a zstd compressor and compress a sample once (the first costs the most)."""
+    zstandard.ZstdCompressor(level=level).compress(bytes(_ChunkEncoder.SAMPLE_BYTES))
+
+
 class _SyncedFile:
     """Sequential writer of one data file; a full disk raises StorageFullError naming it.
 
