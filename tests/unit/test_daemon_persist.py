@@ -571,3 +571,5 @@ def test_an_idle_daemon_loads_the_writer_once_a_job_will_be_persisted(tmp_path, 
     finally:
         proc.terminate()
         proc.wait(10)
+        for p in Path("/dev/shm").glob(f"ckpt-{os.getuid()}-{job}-m-r*"):
+            p.unlink()  # the job fixture removes only ``job``'s own segments
